@@ -1,1 +1,136 @@
-def main(argv=None):\n    raise SystemExit("surgeon: command line not built yet")
+"""`surgeon`: the command line, a thin face over the Python API.
+
+    surgeon check examples/*.peft
+    surgeon plan spec.peft --model tiny:llama
+    surgeon apply spec.peft --model minilm -o out/adapter
+    surgeon merge --model minilm --adapter out/adapter -o out/merged
+    surgeon convert adapter_config.json -o spec.peft
+    surgeon roles --model tiny:llama
+
+Exit codes: 0 success; 2 the user can fix it (spec, model, flags, files), with one clear message
+(spec errors as rendered diagnostics); 1 an internal error, with a traceback only under --debug.
+Only the parser is imported up front, so `surgeon check` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+
+from surgeon.cli_output import OutputError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
+
+# Exceptions that mean "the user can fix this", by the module that defines them. A module that
+# was never imported cannot have raised, so the check imports nothing.
+_USER_ERRORS = (
+    ("surgeon.lang", "SpecError"),
+    ("surgeon.plan", "PlanError"),
+    ("surgeon.peft_config", "ConversionError"),
+    ("surgeon.peft_format", "CheckpointError"),
+    ("surgeon.models", "ModelError"),
+    ("surgeon.cli_output", "OutputError"),
+    ("surgeon.cli", "UsageError"),
+)
+
+
+class UsageError(Exception):
+    """A bad argument or input file that argparse cannot see; the message says what to do."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (the console script passes it to sys.exit)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USER
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("surgeon: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the one boundary where errors become exit codes
+        return _report(error, debug=args.debug)
+
+
+def _report(error: Exception, *, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    if _is_user_error(error):
+        if type(error).__name__ == "SpecError":
+            print(str(error).rstrip("\n"), file=sys.stderr)  # already rendered diagnostics
+        else:
+            print(f"surgeon: error: {error}", file=sys.stderr)
+        return EXIT_USER
+    if isinstance(error, OSError) and error.filename is not None:
+        print(f"surgeon: error: '{error.filename}': {error.strerror or error}", file=sys.stderr)
+        return EXIT_USER
+    if not debug:
+        print(f"surgeon: internal error: {type(error).__name__}: {error}\n"
+              "rerun with --debug to see the traceback", file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+def _is_user_error(error: Exception) -> bool:
+    for module_name, class_name in _USER_ERRORS:
+        module = sys.modules.get(module_name)
+        cls = getattr(module, class_name, None) if module is not None else None
+        if isinstance(cls, type) and isinstance(error, cls):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- the parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; each subcommand's --help ends with examples."""
+    from surgeon import cli_commands as c
+    from surgeon import cli_models as m
+
+    commands = {"check": c.CHECK, "plan": c.PLAN, "apply": c.APPLY, "merge": m.MERGE,
+                "convert": c.CONVERT, "roles": m.ROLES}
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")
+    parser = argparse.ArgumentParser(
+        prog="surgeon", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compile declarative .peft specs into PEFT-compatible adapters.",
+        epilog="Run `surgeon COMMAND --help` for each command's options and examples.",
+    )
+    parser.set_defaults(debug=False, command=None)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name, command in commands.items():
+        cmd = sub.add_parser(name, parents=[common], help=command.help, description=command.help,
+                             epilog="examples:\n" + command.examples,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_arguments(cmd)
+        cmd.set_defaults(command=name, run=command.run)
+    return parser
+
+
+def add_model_arguments(cmd: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """`--model MODEL` and the repeatable `--input SHAPE[:DTYPE]` it may need."""
+    cmd.add_argument("--model", required=required, metavar="MODEL",
+                     help="a local transformers directory, a Hub id, `minilm`, `tiny:MODEL_TYPE` "
+                          "(a tiny random model of any transformers architecture) or "
+                          "`py:MODULE:FACTORY` (any nn.Module factory)")
+    cmd.add_argument("--input", action="append", default=[], type=_input_shape, metavar="SHAPE[:DTYPE]",
+                     help="an example input for capture, e.g. 2x16:float32 or 1x8:int64 "
+                          "(repeat for several positional inputs)")
+
+
+def _input_shape(text: str):
+    from surgeon.models import InputShape  # torch-free at import
+
+    try:
+        return InputShape.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

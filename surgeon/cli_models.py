@@ -1,0 +1,129 @@
+"""The model-side subcommands: `merge` (adapter folded into a full model) and `roles`."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from surgeon.cli_commands import Command, _load_model, _model_flags, _print_json, _usage_error
+from surgeon.cli_output import atomic_dir, check_output
+from surgeon.progress import LARGE_MODEL_PARAMS, stage
+
+# Tokenizer and processor files copied next to a merged transformers model.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                    "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model", "spiece.model",
+                    "sentencepiece.bpe.model", "preprocessor_config.json", "processor_config.json",
+                    "chat_template.jinja", "chat_template.json")
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def _merge_arguments(cmd: argparse.ArgumentParser) -> None:
+    _model_flags(cmd)
+    cmd.add_argument("--adapter", required=True, metavar="DIR",
+                     help="a PEFT checkpoint folder (written by peft or by surgeon)")
+    cmd.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for the merged model")
+    cmd.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    import surgeon
+
+    adapter = Path(args.adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        what = "no such directory" if not adapter.is_dir() else "no adapter_config.json in it"
+        raise _usage_error(f"--adapter '{args.adapter}': {what}")
+    output = Path(args.output)
+    check_output(output, directory=True, force=args.force)  # before the slow part
+    with stage(f"loading {args.model}"):
+        loaded = _load_model(args)
+    total = sum(p.numel() for p in loaded.model.parameters())
+    large = total >= LARGE_MODEL_PARAMS
+    with stage(f"loading adapter {adapter}"):
+        surgeon.load_adapter(loaded.model, adapter)
+    with stage("merging"):
+        merged = surgeon.merge_and_unload(loaded.model)
+    with stage(f"saving {total:,} parameters"), atomic_dir(output, force=args.force) as tmp:
+        _save_model(merged, tmp, loaded.source_dir if loaded.is_transformers else None)
+    print(f"merged {adapter} into {loaded.name}: {total:,} parameters")
+    print(f"wrote {output}")
+    return 0
+
+
+def _save_model(model, folder: Path, source_dir: Path | None) -> None:
+    """Safetensors weights; a transformers model with its config and tokenizer files."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        model.save_pretrained(folder)
+        for name in _TOKENIZER_FILES if source_dir is not None else ():
+            if (source_dir / name).is_file():
+                shutil.copy2(source_dir / name, folder / name)
+        return
+    from safetensors.torch import save_model
+
+    save_model(model, str(folder / "model.safetensors"))  # dedupes tied weights as safetensors wants
+
+
+MERGE = Command(
+    "fold a PEFT adapter into its base model and save the full model (safetensors)",
+    "  surgeon merge --model minilm --adapter out/adapter -o out/merged\n"
+    "  surgeon merge --model meta-llama/Llama-3.2-1B --adapter ./peft-ckpt -o merged/\n",
+    _merge_arguments, run_merge)
+
+
+# --------------------------------------------------------------------------- roles
+
+
+def _roles_arguments(cmd: argparse.ArgumentParser) -> None:
+    _model_flags(cmd)
+    cmd.add_argument("--json", action="store_true", help="print the roles as JSON")
+
+
+def run_roles(args: argparse.Namespace) -> int:
+    import surgeon
+    from surgeon.select import kind_of
+
+    loaded = _load_model(args)
+    roles = surgeon.infer_roles(loaded.model, example_inputs=loaded.example_inputs)
+    rows = []
+    for path, module in loaded.model.named_modules():
+        kind = kind_of(module)
+        if kind is None or not path:
+            continue
+        role = roles.get(path)
+        rows.append({"path": path, "kind": kind, "shape": _shape(module),
+                     "role": str(role) if role is not None else None,
+                     "evidence": role.evidence if role is not None else ""})
+    if args.json:
+        _print_json({"model": loaded.name, "layers": rows})
+        return 0
+    _print_roles(rows, loaded.name)
+    return 0
+
+
+def _shape(module) -> str:
+    weight = module.weight
+    return "x".join(str(n) for n in weight.shape)
+
+
+def _print_roles(rows: list[dict], name: str) -> None:
+    table = [("path", "kind", "shape", "role", "evidence")] + [
+        (r["path"], r["kind"], r["shape"], "@" + r["role"] if r["role"] else "-", r["evidence"] or "")
+        for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
+    with_role = sum(1 for r in rows if r["role"])
+    print(f"{name}: {len(rows)} adaptable layers, {with_role} with a role", file=sys.stdout)
+
+
+ROLES = Command(
+    "every adaptable layer of a model with the role inferred from its dataflow, and why",
+    "  surgeon roles --model tiny:llama\n"
+    "  surgeon roles --model minilm --json\n"
+    "  surgeon roles --model py:mypkg.nets:build --input 1x8:int64\n",
+    _roles_arguments, run_roles)

@@ -1,0 +1,182 @@
+"""Shrink any transformers config to a tiny one, so `tiny:<model_type>` builds in a blink.
+
+A pure function on the config's dict form: keys are recognised by the names transformers uses
+for sizes (hidden, feed-forward, layers, heads, vocabulary, experts, image size), whatever the
+architecture, and nested sub-configs (a VLM's text and vision towers, an encoder-decoder's
+halves) are shrunk the same way. Sizes stay mutually consistent: hidden = heads x head_dim,
+per-layer lists keep one layer of every kind (a hybrid model keeps an attention layer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+HIDDEN = 64
+HEADS = 4
+HEAD_DIM = HIDDEN // HEADS
+FFN = 128
+LAYERS = 2
+VOCAB = 1024
+EXPERTS = 4
+
+# key -> tiny value, applied only where the key exists and holds a larger int.
+_SIZES: dict[str, int] = {
+    **dict.fromkeys(("d_model", "n_embd", "embed_dim", "dim", "word_embed_proj_dim", "projection_dim",
+                     "embedding_dim", "text_embed_dim", "vision_embed_dim"), HIDDEN),
+    **dict.fromkeys(("ffn_dim", "d_ff", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim", "hidden_dim",
+                     "mlp_dim"), FFN),
+    **dict.fromkeys(("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
+                     "decoder_layers", "num_decoder_layers", "num_encoder_layers"), LAYERS),
+    **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads",
+                     "encoder_attention_heads", "decoder_attention_heads"), HEADS),
+    **dict.fromkeys(("head_dim", "d_kv", "attention_head_dim", "kv_channels", "v_head_dim",
+                     "rotary_dim"), HEAD_DIM),
+    **dict.fromkeys(("qk_nope_head_dim", "qk_rope_head_dim"), HEAD_DIM // 2),
+    **dict.fromkeys(("q_lora_rank", "kv_lora_rank"), 2 * HEAD_DIM),
+    "vocab_size": VOCAB,
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), EXPERTS),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "moe_k", "num_selected_experts", "top_k"), 2),
+    **dict.fromkeys(("n_shared_experts", "num_shared_experts", "n_group", "topk_group"), 1),
+    "image_size": 64,
+}
+_KV_HEADS = ("num_key_value_heads", "n_head_kv", "num_kv_heads", "multi_query_group_num")
+_HEAD_COUNTS = ("num_attention_heads", "n_head", "num_heads")
+_LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
+                 "decoder_layers")
+# Derived from the layer or stage count; the config recomputes them when they are absent.
+_DERIVED = ("stage_names", "out_features", "out_indices", "_out_features", "_out_indices")
+
+
+def shrink_config_dict(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config dict (from `PretrainedConfig.to_dict()`) with tiny sizes.
+
+    Example:
+        >>> shrink_config_dict({"hidden_size": 4096, "num_hidden_layers": 32})["hidden_size"]
+        64
+    """
+    before = _first_int(config, _LAYER_COUNTS)
+    kinds = config.get("layer_types")
+    after = max(LAYERS, len(set(map(str, kinds)))) if isinstance(kinds, list) else LAYERS
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in _DERIVED:
+            continue
+        out[key] = _shrink_value(key, value, config, before, after)
+    _fit_token_ids(out)
+    _fit_conv_stages(out)
+    _fit_hybrid_periods(out, after)
+    if config.get("head_dim") is not None and config.get("head_dim") == config.get("qk_rope_head_dim"):
+        out["head_dim"] = out["qk_rope_head_dim"]  # MLA: RoPE runs on head_dim channels
+    return out
+
+
+def _shrink_value(key: str, value: Any, config: dict[str, Any], before: int | None, after: int) -> Any:
+    if isinstance(value, dict):
+        if "model_type" in value:  # a sub-config
+            return shrink_config_dict(value)
+        if key == "per_layer_config":  # {layer index: overrides}
+            return {k: v for k, v in value.items() if str(k).isdigit() and int(k) < after}
+        return value
+    if isinstance(value, list):
+        return _shrink_list(key, value, before, after)
+    if value is None and key in ("head_dim", "vocab_size"):
+        return _SIZES[key]  # some default configs leave them unset and do not build without them
+    if isinstance(value, bool) or not isinstance(value, int):
+        return value
+    if key in _KV_HEADS:
+        heads = _first_int(config, _HEAD_COUNTS)
+        # Keep the attention kind: MHA stays MHA, MQA stays MQA, GQA becomes 2 groups.
+        if value <= 1:
+            return value
+        return HEADS if heads is not None and value == heads else 2
+    if "feature_layer" in key:  # a layer index into a vision tower (-2 stays -2)
+        return value if value < after else -1
+    if key in _LAYER_COUNTS or key in ("num_decoder_layers", "num_encoder_layers", "decoder_layers"):
+        return min(value, after)
+    return min(value, _tiny_size(key, value))
+
+
+def _tiny_size(key: str, value: int) -> int:
+    tiny = _SIZES.get(key)
+    if tiny is not None:
+        return tiny
+    # `encoder_hidden_size`, `out_hidden_size`, `moe_intermediate_size`, ...: widths of a tower
+    # that another tower must match, so they shrink to the same sizes.
+    if "hidden_size" in key and not key.startswith("num_"):
+        return HIDDEN
+    if "vocab_size" in key:  # per-layer-input vocabularies (Gemma 3n/4) as well
+        return VOCAB
+    if "intermediate_size" in key:
+        return HIDDEN if ("moe" in key or "expert" in key) else FFN
+    return value
+
+
+def _shrink_list(key: str, value: list, before: int | None, after: int) -> list:
+    if key in _HEAD_COUNTS and all(isinstance(v, int) for v in value):
+        return [min(v, 2) for v in value]  # heads per stage (Swin, PVT): divide any stage width
+    if "feature_layer" in key and all(isinstance(v, int) for v in value):
+        return [v if v < after else -1 - i for i, v in enumerate(value)]
+    # Per-layer lists (layer_types, ...) follow the layer count and keep every kind of layer.
+    if before and len(value) == before and before > after:
+        return _keep_kinds(value, after)
+    return value
+
+
+def _keep_kinds(values: list, n: int) -> list:
+    """`n` entries of a per-layer list, in order, holding every distinct value it can."""
+    first: dict[str, int] = {}
+    for i, v in enumerate(values):
+        first.setdefault(repr(v), i)
+    chosen = sorted(first.values())[:n]
+    for i in range(len(values)):
+        if len(chosen) >= n:
+            break
+        if i not in chosen:
+            chosen.append(i)
+    return [values[i] for i in sorted(chosen)]
+
+
+def _first_int(config: dict[str, Any], keys: tuple[str, ...]) -> int | None:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _fit_token_ids(config: dict[str, Any]) -> None:
+    """Special token ids past the new vocabulary move to distinct ids at its top."""
+    vocab = config.get("vocab_size")
+    if not isinstance(vocab, int):
+        return
+    taken: dict[int, int] = {}
+    for key, value in config.items():
+        if not key.endswith(("_token_id", "_token_index")):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and value >= vocab:
+            config[key] = taken.setdefault(value, vocab - 1 - len(taken))
+        elif isinstance(value, list):
+            config[key] = [taken.setdefault(v, vocab - 1 - len(taken))
+                           if isinstance(v, int) and v >= vocab else v for v in value]
+
+
+def _fit_conv_stages(config: dict[str, Any]) -> None:
+    """Convnets (ResNet, ConvNeXt, ...): narrow every stage and keep one block per stage."""
+    sizes = config.get("hidden_sizes")
+    if isinstance(sizes, list) and sizes and all(isinstance(s, int) for s in sizes):
+        config["hidden_sizes"] = [16 * 2 ** min(i, 2) for i in range(len(sizes))]
+        if isinstance(config.get("embedding_size"), int):
+            config["embedding_size"] = 16
+    depths = config.get("depths")
+    if isinstance(depths, list) and depths and all(isinstance(d, int) for d in depths):
+        config["depths"] = [1] * len(depths)
+
+
+def _fit_hybrid_periods(config: dict[str, Any], layers: int) -> None:
+    """Jamba-style `attn_layer_period=8, attn_layer_offset=4`: keep one such layer in `layers`."""
+    for key, value in list(config.items()):
+        if key.endswith("_layer_period") and isinstance(value, int) and value > layers:
+            config[key] = layers
+            offset_key = key.replace("_period", "_offset")
+            if isinstance(config.get(offset_key), int):
+                config[offset_key] = min(config[offset_key], layers - 1)

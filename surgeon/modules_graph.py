@@ -1,0 +1,170 @@
+"""The forward graph of an adapted layer: node builder, provenance tags, and the fast compile.
+
+Every node a pass inserts carries `node.meta["surgeon"] = {"rule", "pass", "adapter", "role"}`:
+`rule` is the `file:line:col` of the spec rule behind the adapter (`Site.rule`), `pass` the pass
+that inserted the node, `adapter` the adapter it belongs to (None for the base call), and `role`
+one of "base", "branch", "result" (the last node of an adapter branch, always
+`add`-like with the previous result as `args[0]`) or "epilogue" (a final dtype cast).
+
+`compile_forward` turns the graph into the function the layer runs. It is the fx code with one
+rewrite: `self.lora_A.default.weight` becomes `self._modules['lora_A']._modules['default']
+._parameters['weight']`. On CPython 3.11 each `nn.Module.__getattr__` first fails the normal
+lookup and raises an AttributeError internally (~1 us each); plain dict lookups cost ~40 ns and
+still resolve live, so replaced parameters and `.to()` stay correct.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import linecache
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import fx, nn
+
+if TYPE_CHECKING:
+    from surgeon.modules import AdaptedLayer
+
+META = "surgeon"
+
+
+def tag(node: fx.Node) -> dict[str, Any]:
+    """The provenance tag of `node` (empty for untagged nodes such as placeholders)."""
+    return node.meta.get(META, {})
+
+
+class Builder:
+    """Emits nodes before `anchor`, each tagged `dict(tag, role=...)`.
+
+    Args:
+        graph: the graph to edit.
+        layer: the adapted layer the graph belongs to (attribute targets resolve against it).
+        x: the node holding the layer input.
+        anchor: nodes are inserted before it (the output or the epilogue).
+        tag: provenance `{"rule", "pass", "adapter"}` for every node emitted.
+    """
+
+    def __init__(self, graph: fx.Graph, layer: AdaptedLayer, x: fx.Node, anchor: fx.Node,
+                 tag: dict[str, Any]) -> None:
+        self.graph, self.layer, self.x, self.anchor = graph, layer, x, anchor
+        self.tag = tag
+
+    def _new(self, op: str, target: Any, args: tuple, kwargs: dict | None = None,
+             role: str = "branch") -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.create_node(op, target, args, kwargs or {})
+        node.meta[META] = dict(self.tag, role=role)
+        return node
+
+    def attr(self, target: str) -> fx.Node:
+        """A `get_attr` of `target`, shared with the base or this adapter's nodes when present."""
+        for node in self.graph.nodes:
+            if node.op == "get_attr" and node.target == target and \
+                    tag(node).get("adapter") in (None, self.tag["adapter"]):
+                return node
+        return self._new("get_attr", target, ())
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
+        return self._new("call_function", fn, args, kwargs)
+
+    def method(self, name: str, *args: Any, **kwargs: Any) -> fx.Node:
+        return self._new("call_method", name, args, kwargs)
+
+    def module(self, target: str, *args: Any) -> fx.Node:
+        return self._new("call_module", target, args)
+
+    def result(self, prev: fx.Node, delta: fx.Node, alpha: float = 1.0) -> fx.Node:
+        """The branch's result node: `prev + alpha * delta`, `prev` first (see module docstring)."""
+        kwargs = {"alpha": alpha} if alpha != 1.0 else {}
+        return self._new("call_function", torch.add, (prev, delta), kwargs, role="result")
+
+    def index_result(self, prev: fx.Node, rows: fx.Node, delta: fx.Node, alpha: float) -> fx.Node:
+        """Mixed-batch result: `prev` with `alpha * delta` added at `rows`."""
+        kwargs = {"alpha": alpha} if alpha != 1.0 else {}
+        return self._new("call_function", torch.index_add, (prev, 0, rows, delta), kwargs,
+                         role="result")
+
+
+def _format_target(base: str, target: str) -> str:
+    """The attribute chain fx's codegen writes for `target` (see torch.fx.graph)."""
+    expr = base
+    for part in target.split("."):
+        expr = f"{expr}.{part}" if part.isidentifier() else f'getattr({expr}, "{part}")'
+    return expr
+
+
+def _fast_target(root: nn.Module, target: str) -> str:
+    """`target` as dict lookups: `_modules[...]` down the path, then the leaf's own dict."""
+    expr, module = "self", root
+    *path, leaf = target.split(".")
+    for part in path:
+        expr, module = f"{expr}._modules[{part!r}]", module._modules[part]
+    for table in ("_parameters", "_buffers", "_modules"):
+        if leaf in getattr(module, table):
+            return f"{expr}.{table}[{leaf!r}]"
+    return f"getattr({expr}, {leaf!r})"
+
+
+def compile_forward(graph: fx.Graph, layer: nn.Module) -> Callable[..., Any]:
+    """Compile `graph` into `forward(self, *inputs)` with fast attribute access (see above).
+
+    Layers with the same structure generate the same source and share one function object.
+
+    Args:
+        graph: a linted graph whose attribute targets resolve in `layer`.
+        layer: the module the function will be called with as `self`.
+    """
+    rewrites: dict[str, tuple[str, str]] = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            rewrites[node.name] = (_format_target("self", node.target),
+                                   _fast_target(layer, node.target))
+
+    def transform(body: list[str]) -> list[str]:
+        out = []
+        for fragment in body:
+            var, sep, rhs = fragment.partition(" = ")
+            if sep and var in rewrites and rhs.startswith(rewrites[var][0]):
+                slow, fast = rewrites[var]
+                fragment = f"{var} = {fast}{rhs[len(slow):]}"
+            out.append(fragment)
+        return out
+
+    with graph.on_generate_code(lambda _: transform):
+        code = graph.python_code(root_module="self")
+    scope = tuple(sorted(code.globals.items(), key=lambda kv: kv[0]))
+    try:
+        return _exec_source(code.src, scope)
+    except TypeError:  # an unhashable global: compile without sharing
+        return _exec_source.__wrapped__(code.src, scope)
+
+
+@functools.lru_cache(maxsize=1024)
+def _exec_source(src: str, scope: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
+    """Exec generated source once per distinct (source, globals); registered for tracebacks."""
+    filename = f"<surgeon-forward-{hashlib.sha1(src.encode()).hexdigest()[:12]}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    namespace = dict(scope)
+    exec(compile(src, filename, "exec"), namespace)  # noqa: S102 - code we generated
+    return namespace["forward"]
+
+
+def source_of(fn: Callable[..., Any]) -> str:
+    """The generated source of a function made by `compile_forward` (for tests and viz)."""
+    return "".join(linecache.getlines(fn.__code__.co_filename))
+
+
+def node_summary(gm: fx.GraphModule) -> list[tuple[str, str, dict[str, Any]]]:
+    """`(name, op, tag)` for every node: a compact view for tests and `surgeon viz`."""
+    return [(n.name, n.op, tag(n)) for n in gm.graph.nodes]
+
+
+def result_nodes(graph: fx.Graph) -> dict[str, fx.Node]:
+    """Each adapter's branch result node, by adapter name."""
+    return {tag(n)["adapter"]: n for n in graph.nodes if tag(n).get("role") == "result"}
+
+
+def dtype_of(t: torch.Tensor | None) -> torch.dtype | None:
+    return None if t is None else t.dtype

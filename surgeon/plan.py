@@ -1,0 +1,416 @@
+"""Plan: a Spec resolved against one model, as plain data, before anything is touched.
+
+`plan(spec, model)` decides every (module, adapter) pair that will be adapted and all of its
+hyperparameters, so that `surgeon plan` can show it, `peft_config` can write it and the lowering
+can build it, each without asking the spec again. Pure: the model is only read.
+
+Semantics are PEFT 0.21's (see surgeon.select): a target rule is a union of selectors, exclude
+rules and modules_to_save remove modules (a saved module's whole subtree), and a module that is
+no adaptable layer is an error, as in PEFT. Stricter than PEFT: a target rule that matches
+nothing is an error with "did you mean", not silence.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from surgeon.lang.spec import (
+    NO_SPAN, Adapter, Alpha, Exclude, Rank, RoleRef, Save, Selection, Spec, Target, Tokens,
+)
+from surgeon.select import (
+    PlanError, Resolver, closest, closest_paths, describe, kind_of, transformers_attr, unsupported,
+)
+from surgeon.site import Site
+
+__all__ = ["AdapterPlan", "Plan", "PlanError", "Unmatched", "plan"]
+
+APPLIED_METHODS = ("lora",)
+# LoRA's classic placement (Hu et al.; PEFT's per-architecture tables), by role instead of name.
+DEFAULT_TARGETS = {"lora": Selection((RoleRef("attn.q"), RoleRef("attn.v")))}
+# LoRA options that shape each site, by PEFT field name (fan_in_fan_out is added per kind).
+LORA_SITE_OPTIONS = ("bias", "init_lora_weights", "lora_bias", "lora_dropout", "use_dora", "use_rslora")
+
+
+@dataclass(frozen=True, slots=True)
+class Unmatched:
+    """A rule (or one selector of a target rule) that selected nothing: a warning, not an error."""
+
+    adapter: str
+    rule: str  # "target", "exclude", "rank", "alpha" or "save"
+    text: str  # the selector as written
+    location: str  # "file:line:col", "" for a spec built in Python
+
+    def to_json(self) -> dict[str, str]:
+        return {"adapter": self.adapter, "rule": self.rule, "text": self.text, "location": self.location}
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterPlan:
+    """What one adapter does to this model besides its sites."""
+
+    adapter: Adapter  # the spec's adapter (method, options, rules)
+    sites: tuple[Site, ...]  # its sites, in model order
+    save: tuple[str, ...]  # module paths trained and saved whole (PEFT modules_to_save)
+    tokens: tuple[tuple[str, tuple[int, ...]], ...]  # (embedding path, trainable token rows)
+    params: int  # trainable parameters: sites + saved copies + token rows + trainable biases
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+    def to_json(self) -> dict[str, Any]:
+        from surgeon.lang.spec import to_python
+
+        return {
+            "name": self.name, "method": self.adapter.method,
+            "options": {o.name: to_python(o.value) for o in self.adapter.options},
+            "save": list(self.save), "tokens": {p: list(ix) for p, ix in self.tokens},
+            "sites": len(self.sites), "params": self.params,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Every site of every adapter, with resolved hyperparameters and provenance."""
+
+    sites: tuple[Site, ...]  # one per adapter per module, adapters in spec order
+    adapters: tuple[AdapterPlan, ...]  # per-adapter facts, in spec order
+    unmatched: tuple[Unmatched, ...]  # rules that selected nothing (warnings)
+    trainable_params: int  # parameters training will update, all adapters together
+    model_params: int  # parameters of the model as given
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / self.model_params if self.model_params else 0.0
+
+    def adapter(self, name: str) -> AdapterPlan:
+        for a in self.adapters:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    def paths(self, adapter: str | None = None) -> tuple[str, ...]:
+        """Module paths with a site (of `adapter`, or of any adapter), in plan order, unique."""
+        found = (s.path for s in self.sites if adapter is None or s.adapter == adapter)
+        return tuple(dict.fromkeys(found))
+
+    def __str__(self) -> str:
+        return render_plan(self)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sites": [s.to_json() for s in self.sites],
+            "adapters": [a.to_json() for a in self.adapters],
+            "unmatched": [u.to_json() for u in self.unmatched],
+            "trainable_params": self.trainable_params, "model_params": self.model_params,
+            "trainable_percent": self.trainable_percent,
+        }
+
+
+def plan(spec: Spec | str | os.PathLike, model: nn.Module, *, example_inputs=None) -> Plan:
+    """Resolve `spec` against `model` without modifying it.
+
+    Args:
+        spec: a Spec, `.peft` text, or a path to a `.peft` file.
+        model: the host model (may live on the meta device).
+        example_inputs: inputs for graph capture, used only if a selector names a role.
+
+    Returns:
+        The Plan. Raises PlanError when a target rule matches nothing, a selected module is no
+        adaptable layer, or the method is not lowered yet.
+
+    Example:
+        >>> p = plan('adapter default = lora(r=8) { target q_proj, v_proj }', model)
+        >>> print(p)
+    """
+    if not isinstance(spec, Spec):
+        from surgeon.lang.parse import load_spec
+
+        spec = load_spec(spec)
+    resolver = Resolver(model, example_inputs=example_inputs)
+    planner = _Planner(resolver, spec.source)
+    adapters = tuple(planner.adapter(a) for a in spec.adapters)
+    return Plan(
+        sites=tuple(s for a in adapters for s in a.sites),
+        adapters=adapters,
+        unmatched=tuple(planner.unmatched),
+        trainable_params=sum(a.params for a in adapters),
+        model_params=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def _location(node) -> str:
+    return "" if node.span == NO_SPAN else node.span.location()
+
+
+class _Planner:
+    """Plans adapters one by one over a shared Resolver, collecting warnings."""
+
+    def __init__(self, resolver: Resolver, source: str):
+        self.resolver, self.source = resolver, source
+        self.unmatched: list[Unmatched] = []
+
+    def error(self, message: str, node, hint: str = "") -> PlanError:
+        return PlanError(message, node.span, hint=hint, source=self.source)
+
+    def text(self, node, fallback: str) -> str:
+        span = node.span
+        return fallback if span == NO_SPAN or not self.source else self.source[span.start : span.end]
+
+    def adapter(self, adapter: Adapter) -> AdapterPlan:
+        if adapter.method not in APPLIED_METHODS:
+            raise self.error(
+                f"method `{adapter.method}` is parsed and converted but not yet applied; "
+                f"supported: {', '.join(APPLIED_METHODS)}", adapter)
+        task_type = adapter.option("task_type")
+        chosen = self.targets(adapter, task_type)
+        removed = set().union(*(self.select(adapter, r, "exclude", task_type)
+                                for r in adapter.rules_of(Exclude)))
+        saved_names = tuple(n for rule in adapter.rules_of(Save) for n in rule.names)
+        kept = {p: loc for p, loc in chosen.items()
+                if p not in removed and not _under_saved(p, saved_names)}
+        if not kept:
+            raise self.error(
+                f"adapter `{adapter.name}` adapts no module: its targets "
+                f"({len(chosen)} modules) are all excluded by `exclude` or `save` rules", adapter)
+        sites = self.sites(adapter, kept, task_type)
+        save, tokens = self.save(adapter), self.tokens(adapter)
+        if conflict := set(save) & {p for p, _ in tokens}:
+            raise self.error(f"`{sorted(conflict)[0]}` is both saved whole and token-trained; "
+                             "choose `save` or `tokens`", adapter)
+        params = sum(s.params for s in sites) + self.extra_params(adapter, sites, save, tokens)
+        return AdapterPlan(adapter, sites, save, tokens, params)
+
+    def targets(self, adapter: Adapter, task_type) -> dict[str, Target | None]:
+        """Targeted path -> the first rule selecting it (None: default placement), model order."""
+        rules = adapter.rules_of(Target)
+        if not rules:
+            return self.default_targets(adapter)
+        found: dict[str, Target | None] = {}
+        for rule in rules:
+            paths = self.resolver.select(rule.selection, task_type=task_type)
+            if not paths:
+                raise self.no_match(rule, task_type)
+            self.note_dead_atoms(adapter, rule, task_type)
+            for p in paths:
+                found.setdefault(p, rule)
+        order = {p: i for i, p in enumerate(self.resolver.paths)}
+        return dict(sorted(found.items(), key=lambda item: order[item[0]]))
+
+    def default_targets(self, adapter: Adapter) -> dict[str, Target | None]:
+        selection = DEFAULT_TARGETS[adapter.method]
+        paths = self.resolver.select(selection)
+        text = ", ".join(describe(a) for a in selection.include)
+        if not paths:
+            raise self.error(f"adapter `{adapter.name}` has no target rule and the default "
+                             f"placement ({text}) found no module in this model", adapter,
+                             hint="add a `target` rule (names, types or all-linear)")
+        return dict.fromkeys(paths)
+
+    def no_match(self, rule: Target, task_type) -> PlanError:
+        sel = self.resolver
+        text = self.text(rule, "target " + ", ".join(describe(a) for a in rule.selection.include))
+        within = rule.selection.within
+        if within is not None and within not in sel.modules:
+            near = closest_paths(within, sel)
+            return self.error(f"`within {within}`: the model has no module at this path",
+                              rule, hint=_did_you_mean(near))
+        loose = Selection(rule.selection.include)
+        if rule.selection.include and sel.select(loose, task_type=task_type):
+            return self.error(f"`{text}` matches modules, but none inside its restrictions "
+                              f"({_restrictions(rule.selection, sel)})", rule)
+        near = [n for a in rule.selection.include for n in closest(a, sel)]
+        return self.error(f"`{text}` matches no module of `{type(sel.model).__name__}`", rule,
+                          hint=_did_you_mean(list(dict.fromkeys(near))))
+
+    def note_dead_atoms(self, adapter: Adapter, rule: Target, task_type) -> None:
+        atoms = rule.selection.include
+        for atom in atoms if len(atoms) > 1 else ():
+            if not self.resolver.atom(atom, task_type=task_type):
+                self.unmatched.append(Unmatched(adapter.name, "target", describe(atom),
+                                                _location(atom) or _location(rule)))
+
+    def select(self, adapter: Adapter, rule, kind: str, task_type) -> set[str]:
+        """A non-target rule's selection; one that matches nothing is recorded as unmatched."""
+        paths = set(self.resolver.select(rule.selection, task_type=task_type))
+        if not paths:
+            self.note(adapter, rule, kind)
+        return paths
+
+    def note(self, adapter: Adapter, rule, kind: str) -> None:
+        fallback = ", ".join(describe(a) for a in rule.selection.include) if kind != "save" else ""
+        self.unmatched.append(Unmatched(adapter.name, kind, self.text(rule, fallback), _location(rule)))
+
+    def sites(self, adapter: Adapter, kept: dict[str, Target | None], task_type) -> tuple[Site, ...]:
+        ranks = self.patterns(adapter, Rank, "rank", kept, task_type)
+        alphas = self.patterns(adapter, Alpha, "alpha", kept, task_type)
+        r0, alpha0 = adapter.option("r"), adapter.option("lora_alpha")
+        rslora = bool(adapter.option("use_rslora"))
+        base = {n: adapter.option(n) for n in LORA_SITE_OPTIONS}
+        out = []
+        default = "default(" + ", ".join(map(describe, DEFAULT_TARGETS[adapter.method].include)) + ")"
+        for path, rule in kept.items():
+            module = self.resolver.modules[path]
+            kind = kind_of(module)
+            if kind is None:
+                raise unsupported(path, module, rule.span if rule else adapter.span, self.source)
+            if kind == "Embedding" and base["lora_bias"]:
+                raise self.error(f"`{path}` is an Embedding: lora_bias is not supported there", adapter)
+            r, alpha = ranks.get(path, r0), alphas.get(path, alpha0)
+            options = dict(base, **({"fan_in_fan_out": kind == "Conv1D"} if kind in ("Linear", "Conv1D") else {}))
+            out.append(Site(
+                path=path, kind=kind, method=adapter.method, adapter=adapter.name, r=r,
+                alpha=float(alpha), scaling=_lora_scaling(alpha, r, rslora),
+                options=tuple(sorted(options.items())), rule=_location(rule) if rule else default,
+                params=_lora_params(module, kind, r, bool(base["lora_bias"]), bool(base["use_dora"])),
+            ))
+        return tuple(out)
+
+    def patterns(self, adapter: Adapter, kind: type, name: str, kept, task_type) -> dict[str, Any]:
+        """Per-path value of `rank`/`alpha` rules: most specific (fewest sites) wins, then later."""
+        best: dict[str, tuple[tuple[int, int], Any]] = {}
+        for order, rule in enumerate(adapter.rules_of(kind)):
+            hits = [p for p in self.resolver.select(rule.selection, task_type=task_type) if p in kept]
+            if not hits:
+                self.note(adapter, rule, name)
+            key = (len(hits), -order)
+            for p in hits:
+                if p not in best or key < best[p][0]:
+                    best[p] = (key, rule.value)
+        return {p: value for p, (_, value) in best.items()}
+
+    def save(self, adapter: Adapter) -> tuple[str, ...]:
+        """modules_to_save resolved as PEFT's `_set_trainable` does (plain `endswith`)."""
+        found: list[str] = []
+        for rule in adapter.rules_of(Save):
+            hits = [p for p in self.all_paths if any(p.endswith(n) for n in rule.names)]
+            if not hits:
+                self.note(adapter, rule, "save")
+            for p in hits:  # PEFT's ModulesToSaveWrapper refuses containers without a forward
+                module = self.resolver.model.get_submodule(p)
+                if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
+                    raise self.error(f"`save` cannot keep `{p}` ({type(module).__name__}): it has no "
+                                     "forward of its own; save the modules inside it", rule)
+            found += hits
+        return tuple(dict.fromkeys(found))
+
+    def tokens(self, adapter: Adapter) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        out = []
+        for rule in adapter.rules_of(Tokens):
+            name = rule.module or self.input_embedding()
+            hits = [p for p in self.all_paths if p.endswith(name)]
+            if not hits:
+                raise self.error(f"`tokens {name}`: no module of the model ends with `{name}`", rule,
+                                 hint=_did_you_mean(closest_paths(name, self.resolver)))
+            for p in hits:
+                if kind_of(self.resolver.model.get_submodule(p)) != "Embedding":
+                    raise self.error(f"`tokens` needs an Embedding, `{p}` is not one", rule)
+                out.append((p, tuple(rule.indices)))
+        return tuple(out)
+
+    @property
+    def all_paths(self) -> list[str]:
+        """Every path including repeats of shared modules, as PEFT's `_set_trainable` sees them."""
+        return [p for p, _ in self.resolver.model.named_modules(remove_duplicate=False) if p]
+
+    def input_embedding(self) -> str:
+        pretrained = transformers_attr("transformers.modeling_utils", "PreTrainedModel")
+        model = self.resolver.model
+        if pretrained is not None and isinstance(model, pretrained):
+            emb = model.get_input_embeddings()
+            return next((p for p, m in model.named_modules() if m is emb), "embed_tokens")
+        return "embed_tokens"
+
+    def extra_params(self, adapter: Adapter, sites, save, tokens) -> int:
+        """Trainable parameters outside the sites: saved copies, token rows, trainable biases."""
+        model = self.resolver.model
+        total = sum(_numel(model.get_submodule(p)) for p in dict.fromkeys(save))
+        total += sum(len(ix) * model.get_submodule(p).weight.shape[-1] for p, ix in tokens)
+        bias = adapter.option("bias")
+        if bias == "all":  # PEFT: every parameter named `bias`
+            total += sum(p.numel() for n, p in model.named_parameters() if n.rpartition(".")[2] == "bias")
+        elif bias == "lora_only":
+            biases = (self.resolver.modules[s.path].bias for s in sites)
+            total += sum(b.numel() for b in biases if isinstance(b, nn.Parameter))
+        return total
+
+
+def _under_saved(path: str, names: tuple[str, ...]) -> bool:
+    """PEFT never adapts a module_to_save nor anything inside one (whole dot segments)."""
+    return any(path == n or path.endswith("." + n) or path.startswith(n + ".") or f".{n}." in path
+               for n in names)
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _lora_scaling(alpha: float, r: int, rslora: bool) -> float:
+    """PEFT's LoraLayer.scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def _lora_params(module: nn.Module, kind: str, r: int, lora_bias: bool, dora: bool) -> int:
+    """Parameters LoRA adds at one site, as PEFT builds them (A, B, B's bias, DoRA magnitude)."""
+    if kind == "Embedding":
+        n_in, n_out, a, b = module.num_embeddings, module.embedding_dim, 0, 0
+    elif kind == "Conv1D":  # transformers' Conv1D stores weight as (in, out)
+        (n_in, n_out), a, b = module.weight.shape, 0, 0
+    elif kind == "Linear":
+        n_in, n_out, a, b = module.in_features, module.out_features, 0, 0
+    else:  # ConvNd: A is a full conv to r channels, B a grouped 1x1 conv back
+        n_in, n_out = module.in_channels, module.out_channels
+        a = r * n_in * math.prod(module.kernel_size)
+        b = n_out * (r // module.groups)
+    if kind in ("Embedding", "Conv1D", "Linear"):
+        a, b = r * n_in, r * n_out
+    return a + b + (n_out if lora_bias else 0) + (n_out if dora else 0)
+
+
+def _did_you_mean(names: list[str]) -> str:
+    return "did you mean " + ", ".join(f"`{n}`" for n in names) + "?" if names else ""
+
+
+def _restrictions(selection: Selection, resolver: Resolver) -> str:
+    parts = []
+    if selection.within is not None:
+        parts.append(f"within `{selection.within}`")
+    if selection.layers is not None:
+        stacks = resolver.layers_of(selection.layers.pattern).sizes
+        listed = ", ".join(f"`{s or '<root>'}` has {n}" for s, n in stacks.items()) or "none found"
+        parts.append(f"layers: {listed}")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- rendering
+
+_COLUMNS = ("path", "kind", "adapter", "method", "r", "alpha", "params", "rule")
+
+
+def render_plan(plan: Plan) -> str:
+    """A fixed-width table of the sites, then saved modules, token rows, warnings and totals."""
+    rows = [_COLUMNS] + [
+        (s.path, s.kind, s.adapter, s.method, str(s.r), f"{s.alpha:g}", f"{s.params:,}", s.rule or "-")
+        for s in plan.sites
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    right = {"r", "alpha", "params"}
+    lines = ["  ".join(cell.rjust(w) if col in right else cell.ljust(w)
+                       for cell, w, col in zip(row, widths, _COLUMNS)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for a in plan.adapters:
+        if a.save:
+            lines.append(f"save ({a.name}): {', '.join(a.save)}")
+        for path, ix in a.tokens:
+            lines.append(f"tokens ({a.name}): {path} {list(ix)}")
+    for u in plan.unmatched:
+        where = f"{u.location}: " if u.location else ""
+        lines.append(f"{where}warning: `{u.rule} {u.text}` ({u.adapter}) matched nothing")
+    lines.append(f"{len(plan.sites)} sites; trainable params: {plan.trainable_params:,} "
+                 f"of {plan.model_params:,} ({plan.trainable_percent:.4f}%)")
+    return "\n".join(lines)

@@ -1,0 +1,242 @@
+"""Resolve selectors against a model's module tree, with PEFT 0.21's matching semantics.
+
+Which modules a `Selection` names, as a set of dotted paths from `model.named_modules()` (PEFT's
+key list, so a submodule reused under two parents is seen once, under its first path).
+
+    Name       path == name or path ends with "." + name      (PEFT list target_modules)
+    Regex      re.fullmatch(pattern, path)                     (PEFT str target_modules)
+    Glob       fnmatch per dot segment, whole path or a suffix of segments
+    ModuleType a class of that name in the module's MRO (isinstance by class name)
+    AllLinear  nn.Linear and transformers Conv1D, minus the output head (PEFT's all-linear)
+    RoleRef    the role inferred from the dataflow graph (surgeon.roles, only when used)
+    within     the subtree at that path;  layers[...]  see surgeon.layers;  except  difference
+
+Name, type and layer selectors read only the module tree, so planning them costs no capture.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from fnmatch import fnmatchcase
+from functools import cached_property
+
+from torch import nn
+
+from surgeon.lang.spec import (
+    NO_SPAN, AllLinear, Atom, Glob, Layers, ModuleType, Name, Regex, RoleRef, Selection, Span,
+)
+from surgeon.layers import LayerMap, pattern_layers, structural_layers
+from surgeon.role_names import role_matches
+from surgeon.site import BASE_KINDS
+
+
+class PlanError(ValueError):
+    """A spec that cannot be planned on this model, located at the rule that caused it.
+
+    `str()` renders like the language's diagnostics: `file:line:col: error: ...`, the source
+    line with a caret under the span when the spec's text is known, and a hint.
+    """
+
+    def __init__(self, message: str, span: Span | None = None, *, hint: str = "", source: str = ""):
+        self.message, self.span, self.hint, self.source = message, span, hint, source
+        super().__init__(self.render())
+
+    @property
+    def location(self) -> str:
+        return self.span.location() if self.span is not None and self.span != NO_SPAN else ""
+
+    def render(self) -> str:
+        head = f"{self.location}: error: {self.message}" if self.location else f"error: {self.message}"
+        lines = [head, *_caret(self.span, self.source)]
+        if self.hint:
+            lines.append(f"    hint: {self.hint}")
+        return "\n".join(lines)
+
+
+def _caret(span: Span | None, source: str) -> list[str]:
+    if span is None or span == NO_SPAN or not source or span.end > len(source):
+        return []
+    start = source.rfind("\n", 0, span.start) + 1
+    end = source.find("\n", span.start)
+    line = source[start : len(source) if end < 0 else end]
+    width = max(1, min(span.end, start + len(line)) - span.start)
+    return [f"    {line}", "    " + " " * (span.start - start) + "^" * width]
+
+
+def describe(atom: Atom) -> str:
+    """An atom as `.peft` text, for messages."""
+    if isinstance(atom, Name):
+        return atom.pattern
+    if isinstance(atom, Glob):
+        return f'"{atom.pattern}"'
+    if isinstance(atom, Regex):
+        return f"/{atom.pattern}/"
+    if isinstance(atom, ModuleType):
+        return atom.name
+    if isinstance(atom, RoleRef):
+        return f"@{atom.role}"
+    return "all-linear"
+
+
+# --------------------------------------------------------------------------- layer kinds
+
+
+def kind_of(module: nn.Module) -> str | None:
+    """The base layer kind (`Site.kind`) of `module`, or None when no method can adapt it.
+
+    Checked in PEFT's dispatch order; Conv1D is looked up only if transformers is loaded.
+    """
+    for cls, kind in ((nn.Embedding, "Embedding"), (nn.Conv2d, "Conv2d"), (nn.Conv3d, "Conv3d"),
+                      (nn.Conv1d, "Conv1d"), (nn.Linear, "Linear")):
+        if isinstance(module, cls):
+            return kind
+    conv1d = transformers_attr("transformers.pytorch_utils", "Conv1D")
+    if conv1d is not None and isinstance(module, conv1d):
+        return "Conv1D"
+    return None
+
+
+def transformers_attr(module: str, name: str):
+    """`module.name` if that transformers module is already imported (a model that uses it was
+    built), else None: a plain nn.Module then never pays the seconds transformers takes to import.
+    """
+    loaded = sys.modules.get(module)
+    return None if loaded is None else getattr(loaded, name)
+
+
+def unsupported(path: str, module: nn.Module, span: Span | None = None, source: str = "") -> PlanError:
+    """PEFT raises too when a target is no adaptable layer (e.g. a name matching a container)."""
+    container = next(module.children(), None) is not None
+    return PlanError(
+        f"`{path}` ({type(module).__name__}) cannot be adapted; supported kinds: {', '.join(BASE_KINDS)}",
+        span, source=source,
+        hint="it contains other modules: select its projections instead" if container else "",
+    )
+
+
+# --------------------------------------------------------------------------- resolver
+
+
+class Resolver:
+    """One model's module tree, with the derived views selectors need, built on first use."""
+
+    def __init__(self, model: nn.Module, *, example_inputs=None):
+        self.model = model
+        self.example_inputs = example_inputs
+        self.modules: dict[str, nn.Module] = dict(model.named_modules())
+        self.modules.pop("", None)  # the root is never a target (PEFT skips the empty key)
+        self.paths: tuple[str, ...] = tuple(self.modules)
+        self._by_pattern: dict[tuple[str, ...], LayerMap] = {}
+        self._atoms: dict[tuple[Atom, str | None], frozenset[str]] = {}
+
+    @cached_property
+    def layers(self) -> LayerMap:
+        return structural_layers(self.model.named_modules())
+
+    def layers_of(self, pattern: tuple[str, ...]) -> LayerMap:
+        if not pattern:
+            return self.layers
+        if pattern not in self._by_pattern:
+            self._by_pattern[pattern] = pattern_layers(self.paths, pattern)
+        return self._by_pattern[pattern]
+
+    @cached_property
+    def roles(self) -> dict[str, str]:
+        from surgeon.roles import infer_roles  # capture is costly: only for role selectors
+
+        return dict(infer_roles(self.model, example_inputs=self.example_inputs))
+
+    def select(self, selection: Selection, *, task_type: str | None = None) -> tuple[str, ...]:
+        """Paths `selection` names, in model order: (∪ include) ∩ within ∩ layers − except."""
+        if selection.include:
+            chosen = set().union(*(self.atom(a, task_type=task_type) for a in selection.include))
+        else:  # a bare restriction (`alpha 8 on layers[-2:]`) selects everything it allows
+            chosen = set(self.paths)
+        if selection.within is not None:
+            chosen &= self.subtree(selection.within)
+        if selection.layers is not None:
+            chosen &= self.in_layers(selection.layers)
+        for atom in selection.exclude:
+            chosen -= self.atom(atom, task_type=task_type)
+        return tuple(p for p in self.paths if p in chosen)
+
+    def subtree(self, root: str) -> frozenset[str]:
+        prefix = root + "."
+        return frozenset(p for p in self.paths if p == root or p.startswith(prefix))
+
+    def in_layers(self, layers: Layers) -> frozenset[str]:
+        return self.layers_of(layers.pattern).select(layers)
+
+    def atom(self, atom: Atom, *, task_type: str | None = None) -> frozenset[str]:
+        """Paths one atom names (before restrictions), memoised: rules often repeat atoms."""
+        key = (atom, task_type if isinstance(atom, AllLinear) else None)
+        if key not in self._atoms:
+            self._atoms[key] = self._match(atom, task_type)
+        return self._atoms[key]
+
+    def _match(self, atom: Atom, task_type: str | None) -> frozenset[str]:
+        if isinstance(atom, Name):
+            name, suffix = atom.pattern, "." + atom.pattern
+            return frozenset(p for p in self.paths if p == name or p.endswith(suffix))
+        if isinstance(atom, Regex):
+            regex = re.compile(atom.pattern)
+            return frozenset(p for p in self.paths if regex.fullmatch(p))
+        if isinstance(atom, Glob):
+            return frozenset(p for p in self.paths if glob_matches(atom.pattern, p))
+        if isinstance(atom, ModuleType):
+            return frozenset(p for p, m in self.modules.items()
+                             if any(c.__name__ == atom.name for c in type(m).__mro__))
+        if isinstance(atom, RoleRef):
+            return frozenset(p for p, role in self.roles.items() if role_matches(atom.role, role))
+        assert isinstance(atom, AllLinear), atom
+        return self.all_linear(task_type)
+
+    def all_linear(self, task_type: str | None) -> frozenset[str]:
+        """PEFT's `_maybe_include_all_linear_layers`: Linear/Conv1D minus the output layer."""
+        found = {p for p, m in self.modules.items() if kind_of(m) in ("Linear", "Conv1D")}
+        return frozenset(found - set(self._heads(task_type)))
+
+    def _heads(self, task_type: str | None) -> list[str]:
+        pretrained = transformers_attr("transformers.modeling_utils", "PreTrainedModel")
+        if pretrained is None or not isinstance(self.model, pretrained):
+            return []
+        head = self.model.get_output_embeddings()
+        if head is None and task_type == "SEQ_CLS":
+            # PEFT's SEQ_CLS_HEAD_NAMES, looked up as attributes of the model
+            heads = (getattr(self.model, n, None) for n in ("score", "classifier"))
+            head = next((h for h in heads if h is not None), None)
+        return [p for p, m in self.modules.items() if m is head][:1] if head is not None else []
+
+
+def glob_matches(pattern: str, path: str) -> bool:
+    """Shell glob per dot segment, against the whole path or its last segments."""
+    want, have = pattern.split("."), path.split(".")
+    if len(want) > len(have):
+        return False
+    return all(fnmatchcase(h, w) for h, w in zip(have[len(have) - len(want):], want))
+
+
+# --------------------------------------------------------------------------- suggestions
+
+
+def closest(atom: Atom, resolver: Resolver, n: int = 3) -> list[str]:
+    """Names in this model that look like what `atom` meant, for "did you mean" hints."""
+    if isinstance(atom, (Name, Glob)):
+        depth = atom.pattern.count(".") + 1
+        pool = {".".join(p.split(".")[-depth:]) for p in resolver.paths}
+        return difflib.get_close_matches(atom.pattern, sorted(pool), n=n, cutoff=0.5)
+    if isinstance(atom, Regex):
+        leaves = sorted({p.rsplit(".", 1)[-1] for p in resolver.paths})
+        return difflib.get_close_matches(atom.pattern.rsplit("\\.", 1)[-1], leaves, n=n, cutoff=0.4)
+    if isinstance(atom, ModuleType):
+        names = sorted({type(m).__name__ for m in resolver.modules.values()})
+        return difflib.get_close_matches(atom.name, names, n=n, cutoff=0.5)
+    if isinstance(atom, RoleRef):
+        return ["@" + r for r in sorted(set(resolver.roles.values()))][: n * 3]
+    return []
+
+
+def closest_paths(path: str, resolver: Resolver, n: int = 3) -> list[str]:
+    return difflib.get_close_matches(path, resolver.paths, n=n, cutoff=0.5)
