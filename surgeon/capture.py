@@ -45,6 +45,7 @@ class Capture:
     frontend: str  # "export-blocks", "export" or "symbolic_trace"
     stand_ins: Mapping[str, str]  # short-circuited block path -> path of the block captured for it
     model: nn.Module  # the meta copy that was traced (paths in the graph resolve against it)
+    inputs: tuple[str, ...] = ()  # the model's name for each graph placeholder, in order
 
 
 class _Wrapper(nn.Module):
@@ -154,9 +155,10 @@ def _export(meta: nn.Module, inputs: ExampleInputs, use_blocks: bool, frontend: 
     stand_ins = _install_stand_ins(meta) if use_blocks else {}
     if use_blocks and not stand_ins:
         raise CaptureError("no repeated blocks to short-circuit")
-    with torch.no_grad():
+    # no_grad: no grad-mode HOPs in the graph; meta: tensors the forward creates meet the weights
+    with torch.no_grad(), torch.device("meta"):
         program = torch.export.export(_Wrapper(meta, inputs), inputs.flat(), strict=False)
-    return Capture(program.module(), WRAPPED + ".", frontend, stand_ins, meta)
+    return Capture(program.module(), WRAPPED + ".", frontend, stand_ins, meta, inputs.names())
 
 
 def _first_line(error: BaseException) -> str:

@@ -27,10 +27,11 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 # was never imported cannot have raised, so the check imports nothing.
 _USER_ERRORS = (
     ("surgeon.lang", "SpecError"),
-    ("surgeon.plan", "PlanError"),
+    ("surgeon.select", "PlanError"),
     ("surgeon.peft_config", "ConversionError"),
     ("surgeon.peft_format", "CheckpointError"),
     ("surgeon.models", "ModelError"),
+    ("surgeon.capture", "CaptureError"),
     ("surgeon.cli_output", "OutputError"),
     ("surgeon.cli", "UsageError"),
 )
@@ -60,7 +61,7 @@ def _report(error: Exception, *, debug: bool) -> int:
     if debug:
         traceback.print_exc()
     if _is_user_error(error):
-        if type(error).__name__ == "SpecError":
+        if _is_diagnostic(error):
             print(str(error).rstrip("\n"), file=sys.stderr)  # already rendered diagnostics
         else:
             print(f"surgeon: error: {error}", file=sys.stderr)
@@ -74,13 +75,25 @@ def _report(error: Exception, *, debug: bool) -> int:
     return EXIT_INTERNAL
 
 
-def _is_user_error(error: Exception) -> bool:
-    for module_name, class_name in _USER_ERRORS:
+def _is_diagnostic(error: Exception) -> bool:
+    """Errors whose str() is a rendered `file:line:col: error: ...` diagnostic."""
+    return any(isinstance(error, cls) for cls in _loaded(("surgeon.lang", "SpecError"),
+                                                         ("surgeon.select", "PlanError")))
+
+
+def _loaded(*names: tuple[str, str]) -> list[type]:
+    """The exception classes among `names` whose modules are imported (others cannot have raised)."""
+    found = []
+    for module_name, class_name in names:
         module = sys.modules.get(module_name)
         cls = getattr(module, class_name, None) if module is not None else None
-        if isinstance(cls, type) and isinstance(error, cls):
-            return True
-    return False
+        if isinstance(cls, type):
+            found.append(cls)
+    return found
+
+
+def _is_user_error(error: Exception) -> bool:
+    return any(isinstance(error, cls) for cls in _loaded(*_USER_ERRORS))
 
 
 # --------------------------------------------------------------------------- the parser
@@ -114,10 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_arguments(cmd: argparse.ArgumentParser, *, required: bool = True) -> None:
     """`--model MODEL` and the repeatable `--input SHAPE[:DTYPE]` it may need."""
+    what = ("a local transformers directory, a Hub id, `minilm`, `tiny:MODEL_TYPE` (a tiny random "
+            "model of any transformers architecture) or `py:MODULE:FACTORY` (any nn.Module factory)")
     cmd.add_argument("--model", required=required, metavar="MODEL",
-                     help="a local transformers directory, a Hub id, `minilm`, `tiny:MODEL_TYPE` "
-                          "(a tiny random model of any transformers architecture) or "
-                          "`py:MODULE:FACTORY` (any nn.Module factory)")
+                     help=what if required else f"(optional) resolve the spec against this model: {what}")
     cmd.add_argument("--input", action="append", default=[], type=_input_shape, metavar="SHAPE[:DTYPE]",
                      help="an example input for capture, e.g. 2x16:float32 or 1x8:int64 "
                           "(repeat for several positional inputs)")

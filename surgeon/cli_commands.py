@@ -57,6 +57,10 @@ def _model_flags(cmd: argparse.ArgumentParser) -> None:
 def _load_model(args: argparse.Namespace):
     from surgeon.models import load_model
 
+    if not sys.stderr.isatty():  # transformers' weight-loading bar is noise in logs and pipes
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
     return load_model(args.model, inputs=tuple(args.input))
 
 
@@ -74,14 +78,16 @@ def _check_arguments(cmd: argparse.ArgumentParser) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     """Every file is checked; all diagnostics are shown before the exit code says any failed."""
+    from surgeon.cli import UsageError
     from surgeon.lang import SpecError
 
     failed = 0
     for name in args.files:
         try:
             spec = _load_spec(name)
-        except SpecError as error:
-            print(str(error).rstrip("\n"), file=sys.stderr)
+        except (SpecError, UsageError) as error:
+            prefix = "surgeon: error: " if isinstance(error, UsageError) else ""
+            print(prefix + str(error).rstrip("\n"), file=sys.stderr)
             failed += 1
             continue
         for adapter in spec.adapters:
@@ -127,6 +133,9 @@ def _convert_arguments(cmd: argparse.ArgumentParser) -> None:
                      help="the .peft file to write (stdout if omitted), or the folder for "
                           "adapter_config.json files (required when compiling)")
     cmd.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    from surgeon.cli import add_model_arguments
+
+    add_model_arguments(cmd, required=False)
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -137,7 +146,7 @@ def run_convert(args: argparse.Namespace) -> int:
         return _decompile(source, args.output)
     if args.output is None:
         raise _usage_error("compiling a .peft file needs -o DIR for its adapter_config.json files")
-    return _compile(args.source, Path(args.output), force=args.force)
+    return _compile(args, Path(args.output))
 
 
 def _decompile(source: Path, output: str | None) -> int:
@@ -183,13 +192,12 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _compile(source: str, output: Path, *, force: bool) -> int:
-    from surgeon.peft_config import peft_config_from_adapter
-
-    spec = _load_spec(source)
-    check_output(output, directory=True, force=force)
-    configs = {a.name: peft_config_from_adapter(a) for a in spec.adapters}  # all before writing
-    with atomic_dir(output, force=force) as tmp:
+def _compile(args: argparse.Namespace, output: Path) -> int:
+    """One adapter_config.json per adapter; with --model, exactly the planned sites."""
+    spec = _load_spec(args.source)
+    check_output(output, directory=True, force=args.force)
+    configs = _configs_for_model(spec, args) if args.model else _configs_without_model(spec)
+    with atomic_dir(output, force=args.force) as tmp:
         for name, config in configs.items():
             folder = tmp if name == "default" else tmp / name  # PEFT's layout
             folder.mkdir(parents=True, exist_ok=True)
@@ -198,6 +206,25 @@ def _compile(source: str, output: Path, *, force: bool) -> int:
         where = output if name == "default" else output / name
         print(f"wrote {where / 'adapter_config.json'} (adapter '{name}')")
     return 0
+
+
+def _configs_without_model(spec) -> dict[str, dict]:
+    from surgeon.peft_config import NeedsModelError, peft_config_from_adapter
+
+    try:
+        return {a.name: peft_config_from_adapter(a) for a in spec.adapters}  # all before writing
+    except NeedsModelError as error:
+        raise _usage_error(f"{error}; pass --model MODEL to resolve it against a model") from None
+
+
+def _configs_for_model(spec, args: argparse.Namespace) -> dict[str, dict]:
+    import surgeon
+    from surgeon.peft_config import peft_config_for_sites
+
+    loaded = _load_model(args)
+    plan = surgeon.plan(spec, loaded.model, example_inputs=loaded.example_inputs)
+    return {a.name: peft_config_for_sites(a.adapter, a.sites, base_model_name_or_path=loaded.reference)
+            for a in plan.adapters}
 
 
 # --------------------------------------------------------------------------- plan and apply

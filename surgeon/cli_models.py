@@ -89,15 +89,10 @@ def run_roles(args: argparse.Namespace) -> int:
 
     loaded = _load_model(args)
     roles = surgeon.infer_roles(loaded.model, example_inputs=loaded.example_inputs)
-    rows = []
-    for path, module in loaded.model.named_modules():
-        kind = kind_of(module)
-        if kind is None or not path:
-            continue
-        role = roles.get(path)
-        rows.append({"path": path, "kind": kind, "shape": _shape(module),
-                     "role": str(role) if role is not None else None,
-                     "evidence": role.evidence if role is not None else ""})
+    modules = dict(loaded.model.named_modules())
+    rows = [{"path": path, "kind": kind_of(modules[path]) or type(modules[path]).__name__,
+             "shape": _shape(modules[path]), "role": str(role), "evidence": role.evidence}
+            for path, role in roles.items()]
     if args.json:
         _print_json({"model": loaded.name, "layers": rows})
         return 0
@@ -112,13 +107,16 @@ def _shape(module) -> str:
 
 def _print_roles(rows: list[dict], name: str) -> None:
     table = [("path", "kind", "shape", "role", "evidence")] + [
-        (r["path"], r["kind"], r["shape"], "@" + r["role"] if r["role"] else "-", r["evidence"] or "")
+        (r["path"], r["kind"], r["shape"], "@" + r["role"], r["evidence"])
         for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
-    with_role = sum(1 for r in rows if r["role"])
-    print(f"{name}: {len(rows)} adaptable layers, {with_role} with a role", file=sys.stdout)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["role"]] = counts.get(r["role"], 0) + 1
+    summary = ", ".join(f"{n} @{role}" for role, n in counts.items())
+    print(f"{name}: {len(rows)} adaptable layers: {summary}")
 
 
 ROLES = Command(

@@ -32,6 +32,10 @@ class ExampleInputs:
         """Every tensor, positional first: what the export wrapper takes."""
         return (*self.args, *(t for _, t in self.kwargs))
 
+    def names(self) -> tuple[str, ...]:
+        """How each tensor of `flat()` is passed: `args[i]` or its keyword."""
+        return (*(f"args[{i}]" for i in range(len(self.args))), *(k for k, _ in self.kwargs))
+
     def split(self, flat: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
         """`flat` back into (args, kwargs) for calling the model, options included."""
         n = len(self.args)

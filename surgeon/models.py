@@ -17,7 +17,7 @@ import importlib.util
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,7 @@ class LoadedModel:
     example_inputs: tuple | None  # positional example inputs, None to let capture synthesize
     name: str  # how to refer to it in messages
     source_dir: Path | None = None  # where its config/tokenizer files live (for `merge`)
+    reference: str | None = None  # what PEFT's base_model_name_or_path should say, if anything
 
     @property
     def is_transformers(self) -> bool:
@@ -119,7 +120,7 @@ def load_model(spec: str, *, inputs: tuple[InputShape, ...] = ()) -> LoadedModel
         raise ModelError(f"model '{spec}': not a directory, Hub id, `minilm`, `tiny:TYPE` or "
                          "`py:MODULE:FACTORY`")
     if example is not None:
-        loaded = LoadedModel(loaded.model, example, loaded.name, loaded.source_dir)
+        loaded = replace(loaded, example_inputs=example)
     return loaded
 
 
@@ -147,7 +148,7 @@ def _load_dir(path: Path, *, name: str) -> LoadedModel:
     except (OSError, ValueError) as error:
         raise ModelError(f"model '{name}': cannot load the weights in '{path}': {error}") from None
     model.eval()
-    return LoadedModel(model, None, name, path)
+    return LoadedModel(model, None, name, path, reference=name if name != "minilm" else str(path))
 
 
 def _class_from_config(config: Any) -> Any:
@@ -172,7 +173,8 @@ def _fetch_from_hub(repo_id: str) -> Path:
     except LocalEntryNotFoundError:
         why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
                else "the Hugging Face Hub cannot be reached")
-        raise ModelError(f"model '{repo_id}': {why} and the model is not in the local cache") from None
+        raise ModelError(f"model '{repo_id}': no such local directory, and as a Hub id: {why} and "
+                         "it is not in the local cache") from None
     except HfHubHTTPError as error:
         raise ModelError(f"model '{repo_id}': the Hugging Face Hub refused: {error}") from None
 

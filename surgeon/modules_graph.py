@@ -44,18 +44,19 @@ class Builder:
         x: the node holding the layer input.
         anchor: nodes are inserted before it (the output or the epilogue).
         tag: provenance `{"rule", "pass", "adapter"}` for every node emitted.
+        role: the role of emitted nodes ("base" or "branch"; `result` nodes say "result").
     """
 
     def __init__(self, graph: fx.Graph, layer: AdaptedLayer, x: fx.Node, anchor: fx.Node,
-                 tag: dict[str, Any]) -> None:
+                 tag: dict[str, Any], role: str = "branch") -> None:
         self.graph, self.layer, self.x, self.anchor = graph, layer, x, anchor
-        self.tag = tag
+        self.tag, self.role = tag, role
 
     def _new(self, op: str, target: Any, args: tuple, kwargs: dict | None = None,
-             role: str = "branch") -> fx.Node:
+             role: str | None = None) -> fx.Node:
         with self.graph.inserting_before(self.anchor):
             node = self.graph.create_node(op, target, args, kwargs or {})
-        node.meta[META] = dict(self.tag, role=role)
+        node.meta[META] = dict(self.tag, role=role or self.role)
         return node
 
     def attr(self, target: str) -> fx.Node:

@@ -88,7 +88,11 @@ def _rules(config: dict, method: str) -> tuple[Rule, ...]:
         rules += rules_from_pattern(get("alpha_pattern"), Alpha)
     if get("modules_to_save"):
         rules.append(Save(tuple(_strings(get("modules_to_save"), "modules_to_save"))))
-    if get("feedforward_modules") is not None:
+    if method == "ia3" and get("feedforward_modules") is None:
+        raise ConversionError(
+            "`feedforward_modules` is null: PEFT then picks them from its per-architecture table "
+            "(by the model's `model_type`), which a spec does not name; list them (or [])")
+    if get("feedforward_modules"):
         rules.append(Feedforward(Selection(_feedforward(get("feedforward_modules"),
                                                         get("target_modules")))))
     if get("trainable_token_indices") is not None:
@@ -99,11 +103,10 @@ def _rules(config: dict, method: str) -> tuple[Rule, ...]:
 def _targets(targets, layers, pattern) -> list[Target]:
     restriction = _layers(layers, pattern)
     if targets is None:
-        if restriction is not None:
-            raise ConversionError(
-                "`layers_to_transform` without `target_modules` restricts PEFT's per-architecture "
-                "default targets, which a spec cannot name; list the target modules")
-        return []
+        raise ConversionError(
+            "`target_modules` is null: PEFT then picks targets from its per-architecture table "
+            "(by the model's `model_type`), which a spec does not name; list them in the config, "
+            "or write a target rule such as `target @attn.q, @attn.v`")
     if isinstance(targets, str) and targets.lower() == "all-linear":
         return [Target(Selection((AllLinear(),)))]
     atoms = _atoms(targets, "target_modules")

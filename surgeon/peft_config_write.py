@@ -231,11 +231,13 @@ def _feedforward(adapter: Adapter):
         _no_restrictions(rule.selection, "feedforward")
         atoms += rule.selection.include
     if not atoms:
-        return None
+        return []  # none; null would make PEFT pick them from its per-architecture table
     targets = [t for rule in adapter.rules_of(Target) for t in rule.selection.include]
     target_names = [_as_name(t) for t in targets]
     listed = [_endswith_entry(a, target_names) for a in atoms]
-    if None not in listed and None not in target_names and set(listed) <= set(target_names):
+    # PEFT checks the subset only when target_modules is a list too
+    target_list = bool(target_names) and None not in target_names
+    if None not in listed and (not target_list or set(listed) <= set(target_names)):
         return list(dict.fromkeys(listed))
     return _alternatives(atoms)
 
@@ -245,7 +247,8 @@ def _endswith_entry(atom: Atom, targets: list[str | None]) -> str | None:
         literal = _unescape(atom.pattern[2:])
         if literal is not None and ".*" + re.escape(literal) == atom.pattern:
             return literal
-    if isinstance(atom, Name) and None not in targets and suffix_is_segment(atom.pattern, targets):
+    if (isinstance(atom, Name) and targets and None not in targets
+            and suffix_is_segment(atom.pattern, targets)):  # type: ignore[arg-type]
         return atom.pattern
     return None
 

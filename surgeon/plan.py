@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -25,11 +25,11 @@ from surgeon.lang.spec import (
 from surgeon.select import (
     PlanError, Resolver, closest, closest_paths, describe, kind_of, transformers_attr, unsupported,
 )
+from surgeon.methods import METHODS, get_method
 from surgeon.site import Site
 
 __all__ = ["AdapterPlan", "Plan", "PlanError", "Unmatched", "plan"]
 
-APPLIED_METHODS = ("lora",)
 # LoRA's classic placement (Hu et al.; PEFT's per-architecture tables), by role instead of name.
 DEFAULT_TARGETS = {"lora": Selection((RoleRef("attn.q"), RoleRef("attn.v")))}
 # LoRA options that shape each site, by PEFT field name (fan_in_fan_out is added per kind).
@@ -163,10 +163,10 @@ class _Planner:
         return fallback if span == NO_SPAN or not self.source else self.source[span.start : span.end]
 
     def adapter(self, adapter: Adapter) -> AdapterPlan:
-        if adapter.method not in APPLIED_METHODS:
+        if adapter.method not in METHODS:
             raise self.error(
                 f"method `{adapter.method}` is parsed and converted but not yet applied; "
-                f"supported: {', '.join(APPLIED_METHODS)}", adapter)
+                f"supported: {', '.join(METHODS)}", adapter)
         task_type = adapter.option("task_type")
         chosen = self.targets(adapter, task_type)
         removed = set().union(*(self.select(adapter, r, "exclude", task_type)
@@ -180,6 +180,11 @@ class _Planner:
                 f"({len(chosen)} modules) are all excluded by `exclude` or `save` rules", adapter)
         sites = self.sites(adapter, kept, task_type)
         save, tokens = self.save(adapter), self.tokens(adapter)
+        if both := [s.path for s in sites if s.path in save]:
+            rule = adapter.rules_of(Save)[0]
+            raise self.error(f"`{both[0]}` is both adapted and saved whole: `save` names match by "
+                             "plain suffix (as PEFT's modules_to_save), targets by whole segments",
+                             rule, hint="give `save` a longer name or exclude the module from targets")
         if conflict := set(save) & {p for p, _ in tokens}:
             raise self.error(f"`{sorted(conflict)[0]}` is both saved whole and token-trained; "
                              "choose `save` or `tokens`", adapter)
@@ -249,6 +254,7 @@ class _Planner:
     def sites(self, adapter: Adapter, kept: dict[str, Target | None], task_type) -> tuple[Site, ...]:
         ranks = self.patterns(adapter, Rank, "rank", kept, task_type)
         alphas = self.patterns(adapter, Alpha, "alpha", kept, task_type)
+        method = get_method(adapter.method)
         r0, alpha0 = adapter.option("r"), adapter.option("lora_alpha")
         rslora = bool(adapter.option("use_rslora"))
         base = {n: adapter.option(n) for n in LORA_SITE_OPTIONS}
@@ -263,12 +269,12 @@ class _Planner:
                 raise self.error(f"`{path}` is an Embedding: lora_bias is not supported there", adapter)
             r, alpha = ranks.get(path, r0), alphas.get(path, alpha0)
             options = dict(base, **({"fan_in_fan_out": kind == "Conv1D"} if kind in ("Linear", "Conv1D") else {}))
-            out.append(Site(
+            site = Site(
                 path=path, kind=kind, method=adapter.method, adapter=adapter.name, r=r,
                 alpha=float(alpha), scaling=_lora_scaling(alpha, r, rslora),
                 options=tuple(sorted(options.items())), rule=_location(rule) if rule else default,
-                params=_lora_params(module, kind, r, bool(base["lora_bias"]), bool(base["use_dora"])),
-            ))
+            )
+            out.append(replace(site, params=method.num_params(module, site)))
         return tuple(out)
 
     def patterns(self, adapter: Adapter, kind: type, name: str, kept, task_type) -> dict[str, Any]:
@@ -329,14 +335,18 @@ class _Planner:
     def extra_params(self, adapter: Adapter, sites, save, tokens) -> int:
         """Trainable parameters outside the sites: saved copies, token rows, trainable biases."""
         model = self.resolver.model
-        total = sum(_numel(model.get_submodule(p)) for p in dict.fromkeys(save))
+        # a saved module inside another saved one is copied within the outer copy, and a module
+        # reachable under two paths is wrapped once: count each copy once
+        outer = {id(m): m for m in (model.get_submodule(p) for p in save if not _inside(p, save))}
+        total = sum(_numel(m) for m in outer.values())
         total += sum(len(ix) * model.get_submodule(p).weight.shape[-1] for p, ix in tokens)
         bias = adapter.option("bias")
-        if bias == "all":  # PEFT: every parameter named `bias`
-            total += sum(p.numel() for n, p in model.named_parameters() if n.rpartition(".")[2] == "bias")
+        if bias == "all":  # PEFT: every parameter named `bias`, except a saved module's frozen original
+            total += sum(p.numel() for n, p in model.named_parameters()
+                         if n.rpartition(".")[2] == "bias" and not _inside(n, save))
         elif bias == "lora_only":
-            biases = (self.resolver.modules[s.path].bias for s in sites)
-            total += sum(b.numel() for b in biases if isinstance(b, nn.Parameter))
+            own = (dict(self.resolver.modules[s.path].named_parameters(recurse=False)) for s in sites)
+            total += sum(params["bias"].numel() for params in own if "bias" in params)
         return total
 
 
@@ -346,6 +356,10 @@ def _under_saved(path: str, names: tuple[str, ...]) -> bool:
                for n in names)
 
 
+def _inside(name: str, roots: tuple[str, ...]) -> bool:
+    return any(name.startswith(r + ".") for r in roots)
+
+
 def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -353,23 +367,6 @@ def _numel(module: nn.Module) -> int:
 def _lora_scaling(alpha: float, r: int, rslora: bool) -> float:
     """PEFT's LoraLayer.scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
     return alpha / math.sqrt(r) if rslora else alpha / r
-
-
-def _lora_params(module: nn.Module, kind: str, r: int, lora_bias: bool, dora: bool) -> int:
-    """Parameters LoRA adds at one site, as PEFT builds them (A, B, B's bias, DoRA magnitude)."""
-    if kind == "Embedding":
-        n_in, n_out, a, b = module.num_embeddings, module.embedding_dim, 0, 0
-    elif kind == "Conv1D":  # transformers' Conv1D stores weight as (in, out)
-        (n_in, n_out), a, b = module.weight.shape, 0, 0
-    elif kind == "Linear":
-        n_in, n_out, a, b = module.in_features, module.out_features, 0, 0
-    else:  # ConvNd: A is a full conv to r channels, B a grouped 1x1 conv back
-        n_in, n_out = module.in_channels, module.out_channels
-        a = r * n_in * math.prod(module.kernel_size)
-        b = n_out * (r // module.groups)
-    if kind in ("Embedding", "Conv1D", "Linear"):
-        a, b = r * n_in, r * n_out
-    return a + b + (n_out if lora_bias else 0) + (n_out if dora else 0)
 
 
 def _did_you_mean(names: list[str]) -> str:

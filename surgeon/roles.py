@@ -139,7 +139,7 @@ def _index_source(flow: Flow, index: Any) -> str | None:
 
     while isinstance(index, fx.Node):
         if flow.kind[index] == INPUT:
-            return index.name
+            return flow.input_name(index)
         if index.op not in ("call_function", "call_method") or op_name(index) not in _INDEX_VIEWS:
             return None
         index = index.args[0]

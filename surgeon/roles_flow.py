@@ -37,7 +37,7 @@ _NAMED = {
            "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
            "_scaled_dot_product_cudnn_attention"},
     SOFTMAX: {"softmax", "_softmax", "_safe_softmax"},
-    TOPK: {"topk", "argmax"},
+    TOPK: {"topk", "argmax", "argmin", "argsort", "sort"},
     ACT: {"gelu", "silu", "relu", "relu6", "sigmoid", "tanh", "softplus", "mish", "elu", "selu",
           "celu", "leaky_relu", "hardswish", "hardsigmoid", "hardtanh", "erf", "glu", "gelu_"},
     NORM: {"layer_norm", "native_layer_norm", "rms_norm", "group_norm", "native_group_norm",
@@ -53,6 +53,7 @@ _KIND_OF_NAME = {name: kind for kind, names in _NAMED.items() for name in names}
 _WEIGHT_VIEWS = {"t", "transpose", "permute", "numpy_T", "view", "reshape", "expand", "to",
                  "_to_copy", "contiguous", "clone", "select", "index", "slice", "unsqueeze",
                  "squeeze", "alias", "detach", "type_as", "float", "half", "bfloat16", "getitem"}
+_WEIGHT_SCALES = {"mul", "div", "mul_", "div_"}
 _MODULE_KINDS: tuple[tuple[type, str], ...] = (
     (nn.Softmax, SOFTMAX), (nn.LayerNorm, NORM), (nn.GroupNorm, NORM), (nn.modules.batchnorm._BatchNorm, NORM),
     (nn.GELU, ACT), (nn.SiLU, ACT), (nn.ReLU, ACT), (nn.Sigmoid, ACT), (nn.Tanh, ACT), (nn.Mish, ACT),
@@ -156,6 +157,13 @@ class Flow:
     def _arrives_at_data(self, came_from: fx.Node | None, node: fx.Node, forward: bool) -> bool:
         return not (forward and node in self.projs and self.projs[node].data is not came_from)
 
+    def input_name(self, node: fx.Node) -> str:
+        """The model's name for a placeholder (`input_ids`), or its graph name."""
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        names = self.capture.inputs
+        index = placeholders.index(node)
+        return names[index] if len(names) == len(placeholders) else node.name
+
     # ---- module paths ------------------------------------------------------------------------
     def scope(self, node: fx.Node) -> str:
         """Canonical path of the innermost module `node` ran in ("" at the top level)."""
@@ -201,7 +209,7 @@ class Flow:
             self._classify_function(node, op_name(node))
 
     def _classify_module(self, node: fx.Node) -> None:
-        module = self.capture.model.get_submodule(str(node.target))
+        module = self.capture.graph.get_submodule(str(node.target))
         kind = adaptable_kind(module)
         if kind is not None:
             self._add_proj(node, kind, node.args[0], self.canonical(str(node.target)))
@@ -221,6 +229,8 @@ class Flow:
             self._add_proj(node, "conv", node.args[0], self._owner(node, node.args[1]))
         elif name == "embedding" and self._weight_param(node.args[0]) is not None:
             self._add_proj(node, "embedding", node.args[1], self._owner(node, node.args[0]))
+        elif name in ("max", "min") and _uses_indices(node):
+            self.kind[node] = TOPK  # max(dim) whose indices select (phimoe's sparsemixer)
         else:
             self.kind[node] = _KIND_OF_NAME.get(name, PASS)
 
@@ -233,7 +243,7 @@ class Flow:
         while isinstance(operand, fx.Node):
             if operand.op == "get_attr":
                 return self.canonical_param(str(operand.target))
-            if operand.op not in ("call_function", "call_method") or op_name(operand) not in _WEIGHT_VIEWS:
+            if operand.op not in ("call_function", "call_method") or not _weight_step(operand):
                 return None
             operand = operand.args[0] if operand.args else None
         return None
@@ -271,6 +281,19 @@ def op_name(node: fx.Node) -> str:
     if target is operator.getitem:
         return "getitem"
     return getattr(target, "__name__", str(target))
+
+
+def _weight_step(node: fx.Node) -> bool:
+    """A step a weight takes on its way to the op applying it: a view, or a constant rescale
+    (rwkv rescales its weights in place at inference)."""
+    name = op_name(node)
+    if name in _WEIGHT_VIEWS:
+        return True
+    return name in _WEIGHT_SCALES and not any(isinstance(a, fx.Node) for a in node.args[1:])
+
+
+def _uses_indices(node: fx.Node) -> bool:
+    return any(op_name(u) == "getitem" and u.args[1] == 1 for u in node.users)
 
 
 def _matmul_operands(node: fx.Node, name: str) -> list[Any]:

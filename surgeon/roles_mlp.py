@@ -90,7 +90,8 @@ def _classify(flow: Flow, down: fx.Node, by_feeder: dict[fx.Node, set[_Path]]) -
             found.append(Found(feeder, "mlp.up", f"feeds {where} through {act}"))
         return found
     for feeder, paths in by_feeder.items():
-        if all(p.act for p in paths):
+        # gelu-tanh by hand multiplies x by a function of x: some paths skip the nonlinearity
+        if any(p.act for p in paths):
             found.append(Found(feeder, "mlp.gate", f"feeds {where} through {act}, gating a "
                                "projection that reaches it without one"))
         else:

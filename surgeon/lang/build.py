@@ -21,7 +21,14 @@ from surgeon.lang.diagnostics import Diagnostic, error
 from surgeon.lang.source import span_of_meta, span_of_token
 from surgeon.lang.spec import AllLinear, Glob, LayerSlice, ModuleType, Name, Regex, RoleRef, Span, Table
 from surgeon.lang.syntax import (
-    Located, RawAdapter, RawClause, RawLayers, RawOption, RawRule, RawSelection, RawSpec,
+    Located,
+    RawAdapter,
+    RawClause,
+    RawLayers,
+    RawOption,
+    RawRule,
+    RawSelection,
+    RawSpec,
 )
 
 _ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}

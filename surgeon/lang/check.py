@@ -70,12 +70,13 @@ def _adapter(raw: RawAdapter, diags: list[Diagnostic]) -> Adapter:
 def _rule_allowed(rule: RawRule, method: str | None, diags: list[Diagnostic]) -> bool:
     if method is None or rule.kind in vocab.RULES_OF[method]:
         return True
-    owners = " and ".join(m for m in vocab.METHODS if rule.kind in vocab.RULES_OF[m])
+    owners = [m for m in vocab.METHODS if rule.kind in vocab.RULES_OF[m]]
+    owners_text = owners[0] if len(owners) == 1 else ", ".join(owners[:-1]) + " and " + owners[-1]
     hint = None
     if method == "adalora" and rule.kind == "rank":
         hint = "adalora chooses ranks itself; saved ranks go in the option rank_pattern={...}"
     diags.append(error(
-        rule.keyword, f"'{rule.kind}' rules apply only to {owners} adapters, not {method}", hint=hint
+        rule.keyword, f"'{rule.kind}' rules apply only to {owners_text} adapters, not {method}", hint=hint
     ))
     return False
 
@@ -113,7 +114,7 @@ def _selecting(raw: RawRule, selection, diags: list[Diagnostic]) -> Rule | None:
 
 def _tokens(raw: RawRule, diags: list[Diagnostic]) -> Tokens | None:
     if not raw.indices:
-        diags.append(error(raw.span, "'tokens' needs at least one token index, as in tokens embed_tokens [0, 1]"))
+        diags.append(error(raw.span, "'tokens' needs at least one token index", hint="tokens embed_tokens [0, 1]"))
         return None
     for index in raw.indices:
         if index.value < 0:

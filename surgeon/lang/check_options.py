@@ -53,10 +53,10 @@ def _field(method: str, key: Located[str], diags: list[Diagnostic]) -> vocab.Fie
         ))
         return None
     names = [f.name for f in vocab.fields_of(method)] + list(vocab.aliases(method))
+    some = ", ".join(vocab.alias_of(method, n) for n in vocab.canonical_order(method)[:6])
     diags.append(error(
         key.span, f"unknown option '{key.value}' for {method}",
-        hint=did_you_mean(key.value, names)
-        or "options are " + ", ".join(vocab.alias_of(method, n) for n in vocab.canonical_order(method)),
+        hint=did_you_mean(key.value, names) or f"{method} options include {some}, ...",
     ))
     return None
 
@@ -98,7 +98,8 @@ def _check_combinations(method: str, found: dict[str, RawOption], diags: list[Di
         if tinit >= total - tfinal:
             where = found.get("tinit", found.get("tfinal", found["total_step"]))
             diags.append(error(
-                where.span, f"tinit={tinit} and tfinal={tfinal} leave no budgeting phase in total_step={total}",
+                where.span,
+                f"tinit={tinit} and tfinal={tfinal} leave no budgeting phase in total_step={total}",
                 hint="AdaLoRA prunes ranks between steps tinit and total_step - tfinal",
             ))
     if method == "adalora" and "r" in found:

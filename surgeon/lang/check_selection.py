@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from surgeon.lang.diagnostics import Diagnostic, did_you_mean, error
-from surgeon.lang.spec import Atom, Glob, LayerSlice, Layers, ModuleType, Name, Regex, RoleRef, Selection
+from surgeon.lang.spec import Atom, Glob, Layers, LayerSlice, ModuleType, Name, Regex, RoleRef, Selection
 from surgeon.lang.syntax import Located, RawClause, RawLayers, RawSelection
 from surgeon.lang.vocabulary import MODULE_TYPES
 from surgeon.role_names import selector_names
@@ -69,7 +69,7 @@ def check_atom(atom: Atom, diags: list[Diagnostic]) -> None:
         diags.append(error(
             atom.span, f"unknown module type '{atom.name}'",
             hint=did_you_mean(atom.name, MODULE_TYPES)
-            or f'a capitalised word names a module class; to match a module called {atom.name}, quote it: "{atom.name}"',
+            or f'a capitalised word names a module class; to match a module named {atom.name}, write "{atom.name}"',
         ))
     elif isinstance(atom, Name):
         check_name(Located(atom.pattern, atom.span), diags, what="module name")

@@ -11,8 +11,9 @@ Rendered like xDSL and rustc, so a reader sees the line and where on it:
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 from surgeon.lang.source import line_of, printable
 from surgeon.lang.spec import Span

@@ -118,9 +118,10 @@ class Enum:
     def problem(self, value) -> str | None:
         if isinstance(value, bool):
             return None if self.bools else f"must be {self.describe()}"
-        if isinstance(value, str):
-            if value in self.choices or any(re.fullmatch(p, value) for p in self.patterns):
-                return None
+        if isinstance(value, str) and (
+            value in self.choices or any(re.fullmatch(p, value) for p in self.patterns)
+        ):
+            return None
         return f"must be {self.describe()}"
 
 

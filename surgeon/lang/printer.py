@@ -1,7 +1,8 @@
 """Spec -> canonical `.peft` text, so that `parse(print_spec(s)) == s`.
 
 Canonical means: options in the method's canonical order under their short aliases, one rule
-per line in the Spec's order, 4-space indentation, names bare where the grammar reads them back
+per line in the Spec's order, 4-space indentation (options one per line when the header
+would pass 100 columns), names bare where the grammar reads them back
 as the same atom (quoted otherwise), a blank line between adapters.
 """
 
@@ -13,8 +14,27 @@ import re
 from surgeon.lang import vocabulary as vocab
 from surgeon.lang.check_selection import slice_text
 from surgeon.lang.spec import (
-    Adapter, Alpha, AllLinear, Atom, Exclude, Feedforward, Glob, Layers, ModuleType, Name, Rank, Regex,
-    RoleRef, Rule, Save, Selection, Spec, Table, Target, Tokens, Value,
+    Adapter,
+    AllLinear,
+    Alpha,
+    Atom,
+    Exclude,
+    Feedforward,
+    Glob,
+    Layers,
+    ModuleType,
+    Name,
+    Rank,
+    Regex,
+    RoleRef,
+    Rule,
+    Save,
+    Selection,
+    Spec,
+    Table,
+    Target,
+    Tokens,
+    Value,
 )
 
 _BARE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
@@ -24,6 +44,7 @@ RESERVED = frozenset(
     | set(vocab.RULE_KEYWORDS)
 )
 INDENT = "    "
+MAX_WIDTH = 100
 
 
 def print_spec(spec: Spec) -> str:
@@ -32,10 +53,12 @@ def print_spec(spec: Spec) -> str:
 
 
 def print_adapter(adapter: Adapter) -> str:
-    options = ", ".join(
-        f"{vocab.alias_of(adapter.method, o.name)}={print_value(o.value)}" for o in adapter.options
-    )
-    head = f"adapter {_word(adapter.name)} = {adapter.method}({options}) {{"
+    ordered = vocab.in_canonical_order(adapter.method, adapter.options)
+    options = [f"{vocab.alias_of(adapter.method, o.name)}={print_value(o.value)}" for o in ordered]
+    head = f"adapter {_word(adapter.name)} = {adapter.method}({', '.join(options)}) {{"
+    if len(head) > MAX_WIDTH:  # one option per line, so a diff shows which one changed
+        lines = "".join(f"{INDENT}{o},\n" for o in options)
+        head = f"adapter {_word(adapter.name)} = {adapter.method}(\n{lines}) {{"
     body = [INDENT + print_rule(r) for r in adapter.rules]
     return "\n".join([head, *body, "}"]) + "\n"
 

@@ -8,7 +8,7 @@ each layer slice, each clause. Selector atoms are already Spec atoms (they carry
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, TypeVar, Union
+from typing import Generic, TypeVar
 
 from surgeon.lang.spec import Atom, LayerSlice, Span, Value
 
@@ -27,7 +27,7 @@ class Located(Generic[T]):
 class RawLayers:
     """`layers[0:4, 7] of "h"`, before range checks."""
 
-    items: tuple[Located[Union[int, LayerSlice]], ...]
+    items: tuple[Located[int | LayerSlice], ...]
     pattern: tuple[Located[str], ...]
     span: Span
 
@@ -37,7 +37,7 @@ class RawClause:
     """`in layers[...]`, `within path` or `except a, b`."""
 
     kind: str  # "in" | "within" | "except"
-    value: Union[RawLayers, Located[str], tuple[Atom, ...]]
+    value: RawLayers | Located[str] | tuple[Atom, ...]
     span: Span
 
 

@@ -8,7 +8,7 @@ misspelled keyword, else the label of the closest known-bad snippet in PEFT_SYNT
 from __future__ import annotations
 
 import unicodedata
-from typing import Callable
+from collections.abc import Callable
 
 from lark import Lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
@@ -19,7 +19,13 @@ from surgeon.lang.diagnostics import Diagnostic, did_you_mean, error
 from surgeon.lang.source import span_at
 from surgeon.lang.vocabulary import RULE_KEYWORDS
 
-_HEAD = "adapter a = lora() "
+_HEAD = "adapter a = lora() { "
+
+
+def _body(*rules: str) -> tuple[str, ...]:
+    return tuple(_HEAD + r for r in rules)
+
+
 _BAD_SNIPPETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("a spec is a list of adapters: adapter NAME = METHOD(options) { rules }",
      ("target q_proj", "lora(r=8)", "adapter a = lora() {} }")),
@@ -33,19 +39,19 @@ _BAD_SNIPPETS: tuple[tuple[str, tuple[str, ...]], ...] = (
      ("adapter a = lora(r=) {}", "adapter a = lora(r=,) {}")),
     ("rules go in braces after the method: adapter a = lora(r=8) { target q_proj }",
      ("adapter a = lora() target",)),
-    ("restrict a selection to layers with 'in': target q_proj in layers[0:4]", (_HEAD + "{ target q layers[0] }",)),
-    ("separate selectors with ',': target q_proj, v_proj", (_HEAD + "{ target q v }",)),
-    ("close the adapter with '}'", (_HEAD + "{ target q", _HEAD + "{")),
+    ("restrict a selection to layers with 'in': target q_proj in layers[0:4]", _body("target q layers[0] }")),
+    ("separate selectors with ',': target q_proj, v_proj", _body("target q v }")),
+    ("close the adapter with '}'", _body("target q", "target q, v", "")),
     ("a selection starts with a selector: a name, @role, \"glob\", /regex/, a Type or all-linear",
-     (_HEAD + "{ target }", _HEAD + "{ target in layers[0] }", _HEAD + "{ target q except }")),
+     _body("target }", "target in layers[0] }", "target q except }")),
     ("layers take indices and slices in brackets: layers[0:4, 7, -1]",
-     (_HEAD + "{ target q in layers 0 }", _HEAD + "{ target q in layers[a] }", _HEAD + "{ target q in layers[] }")),
-    ("'in' takes layers[...]; to scope a rule to a submodule use 'within'", (_HEAD + "{ target q in model }",)),
-    ("'rank' takes a number and a selection: rank 16 on @attn.q", (_HEAD + "{ rank on q }", _HEAD + "{ rank 8 q }")),
-    ("'alpha' takes a number and a selection: alpha 16 on @attn.q", (_HEAD + "{ alpha on q }", _HEAD + "{ alpha 8 q }")),
+     _body("target q in layers 0 }", "target q in layers[a] }", "target q in layers[] }")),
+    ("'in' takes layers[...]; to scope a rule to a submodule use 'within'", _body("target q in model }")),
+    ("'rank' takes a number and a selection: rank 16 on @attn.q", _body("rank on q }", "rank 8 q }")),
+    ("'alpha' takes a number and a selection: alpha 16 on @attn.q", _body("alpha on q }", "alpha 8 q }")),
     ("'tokens' takes an optional module and a list of indices: tokens embed_tokens [0, 1]",
-     (_HEAD + "{ tokens 0 }", _HEAD + "{ tokens e 0 }")),
-    ("'save' takes module names: save classifier, score", (_HEAD + "{ save }", _HEAD + "{ save @head }")),
+     _body("tokens 0 }", "tokens e 0 }")),
+    ("'save' takes module names: save classifier, score", _body("save }", "save @head }")),
 )
 _BEFORE = "adapter z = lora() { target x }\n"
 
@@ -57,7 +63,7 @@ def _variants(snippet: str) -> tuple[str, ...]:
     one stack entry after its first item, so each mistake is shown both first and later.
     """
     out = [snippet, _BEFORE + snippet]
-    if snippet.startswith(_HEAD + "{ "):
+    if snippet.startswith(_HEAD):
         out.append(snippet.replace("{ ", "{ target x ", 1))
     if "lora(" in snippet and "lora()" not in snippet:
         out.append(snippet.replace("lora(", "lora(x=1, ", 1))
@@ -65,14 +71,16 @@ def _variants(snippet: str) -> tuple[str, ...]:
 
 
 # Known mistakes, each labelled with the hint it earns (Lark's `match_examples`).
-PEFT_SYNTAX_ERRORS = tuple((label, tuple(v for s in snippets for v in _variants(s))) for label, snippets in _BAD_SNIPPETS)
+PEFT_SYNTAX_ERRORS = tuple(
+    (label, tuple(v for s in snippets for v in _variants(s))) for label, snippets in _BAD_SNIPPETS
+)
 
 _WORDS = {
     "NAME": "a name", "STRING": "a string", "INT": "an integer", "FLOAT": "a number",
     "ROLE": "a role such as @attn.q", "REGEX": "a regex such as /.*\\.q_proj/", "$END": "the end of the file",
 }
 _IGNORED = {"WS", "COMMENT"}
-_SELECTOR = {"ROLE", "ALL_LINEAR", "NAME", "STRING", "REGEX"}
+_SELECTOR = {"ROLE", "all-linear", "NAME", "STRING", "REGEX"}
 _VALUE = {"INT", "FLOAT", "NAME", "STRING", "true", "false", "null", "[", "{"}
 
 
@@ -173,7 +181,8 @@ def _unexpected_character(e: UnexpectedCharacters, text, file, parser) -> Diagno
     if char == '"':
         return error(span, "this string is not closed on its line", hint='strings are "..." on one line')
     if char == "/":
-        return error(span, "this regex is not closed on its line", hint="regexes are /.../ on one line; write \\/ for /")
+        hint = "regexes are /.../ on one line; write \\/ for /"
+        return error(span, "this regex is not closed on its line", hint=hint)
     if char == "@":
         return error(span, "a role needs a name after '@'", hint="for example @attn.q or @mlp")
     expected = _describe_expected(_acceptable(e), parser)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from surgeon.lang.kinds import Bool, Dict, Enum, Int, Kind, List, Number, Str
-from surgeon.lang.spec import Table, Value
+from surgeon.lang.spec import Option, Table, Value
 
 METHODS: tuple[str, ...] = ("lora", "ia3", "adalora", "loha", "lokr")
 
@@ -216,6 +216,13 @@ def default_of(method: str, field: str) -> Value:
 def canonical_order(method: str) -> tuple[str, ...]:
     """PEFT field names of `method`'s options in the order the printer writes them."""
     return tuple(f.name for f in _FIELDS[method])
+
+
+def in_canonical_order(method: str, options: tuple[Option, ...]) -> tuple[Option, ...]:
+    """`options` sorted into `method`'s canonical order, as the parser stores them (build Specs
+    with this so they compare equal to parsed ones); unknown names go last, in their order."""
+    rank = {name: i for i, name in enumerate(canonical_order(method))}
+    return tuple(sorted(options, key=lambda o: rank.get(o.name, len(rank))))
 
 
 def aliases(method: str) -> dict[str, str]:

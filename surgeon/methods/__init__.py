@@ -67,6 +67,9 @@ class Method(Protocol):
     def bias_delta(self, layer: AdaptedLayer, adapter: str) -> torch.Tensor | None:
         """What merging adds to the base bias (None when the adapter has no bias)."""
 
+    def clear_caches(self, layer: AdaptedLayer) -> None:
+        """Forget values cached from the weights (they may have changed unseen)."""
+
 
 def get_method(name: str) -> Any:
     """The method registered under `name` (PEFT's peft_type, lower case)."""

@@ -55,9 +55,16 @@ class LoraOptions:
                         f"(site `{site.path}`); use True, False or 'gaussian'.")
                 raise ValueError(f"Unknown initialization init_lora_weights={init!r}.")
             init = "gaussian"
-        return cls(float(site.option("lora_dropout", 0.0) or 0.0), init,
+        opts = cls(float(site.option("lora_dropout", 0.0) or 0.0), init,
                    bool(site.option("use_dora", False)), bool(site.option("lora_bias", False)),
                    bool(site.option("inference_mode", False)))
+        if opts.lora_bias and opts.use_dora:  # PEFT's LoraConfig rejects these pairs too
+            raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass "
+                             "use_dora=False")
+        if opts.lora_bias and init not in (True, False):
+            raise ValueError("The argument lora_bias=True is only supported with "
+                             f"init_lora_weights=True or False, got init_lora_weights={init}.")
+        return opts
 
 
 def _check(layer: AdaptedLayer, site: Site, opts: LoraOptions) -> None:
@@ -216,6 +223,10 @@ class Lora:
             return lora_dora.unfold(layer, adapter, weight, delta)
         return weight - delta
 
+    def clear_caches(self, layer: AdaptedLayer) -> None:
+        for magnitude in layer.lora_magnitude_vector.values():
+            magnitude.norm_cache = None
+
     def bias_delta(self, layer: AdaptedLayer, adapter: str) -> torch.Tensor | None:
         if adapter not in layer.lora_B or layer.lora_B[adapter].bias is None:
             return None
@@ -240,16 +251,16 @@ def emit_lora(b: Builder, adapter: str, x: fx.Node) -> fx.Node:
     """`lora_B(lora_A(x))` as functional calls on the parameters (no module `__call__`)."""
     lora_a, lora_b = b.layer.lora_A[adapter], b.layer.lora_B[adapter]
     wa, wb = b.attr(f"lora_A.{adapter}.weight"), b.attr(f"lora_B.{adapter}.weight")
-    bias = b.attr(f"lora_B.{adapter}.bias") if lora_b.bias is not None else None
+    bias = (b.attr(f"lora_B.{adapter}.bias"),) if lora_b.bias is not None else ()
     kind = b.layer.kind
     if kind in CONV_KINDS:
         from surgeon.modules_base import conv_fn
 
         fn = conv_fn(kind)
         h = b.call(fn, x, wa, None, lora_a.stride, lora_a.padding, lora_a.dilation, lora_a.groups)
-        return b.call(fn, h, wb, bias, lora_b.stride, lora_b.padding, lora_b.dilation,
-                      lora_b.groups)
-    return b.call(torch._C._nn.linear, b.call(torch._C._nn.linear, x, wa), wb, bias)
+        return b.call(fn, h, wb, *(bias or (None,)), lora_b.stride, lora_b.padding,
+                      lora_b.dilation, lora_b.groups)
+    return b.call(torch._C._nn.linear, b.call(torch._C._nn.linear, x, wa), wb, *bias)
 
 
 def emit_embedding_lora(b: Builder, adapter: str, x: fx.Node) -> fx.Node:

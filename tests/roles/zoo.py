@@ -6,6 +6,7 @@ can inject adapters into it. Nothing is downloaded. The key is PEFT's `model_typ
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable
 
@@ -136,3 +137,19 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
 def build(arch: str) -> nn.Module:
     """A tiny model of architecture `arch` on CPU in eval mode."""
     return BUILDERS[arch]()
+
+
+@functools.cache
+def roles_of(arch: str) -> dict[str, str]:
+    """Inferred roles of the tiny `arch` model, computed once per test session."""
+    from surgeon.roles import infer_roles
+
+    return infer_roles(build(arch))
+
+
+def select(roles: dict[str, str], *selectors: str) -> set[str]:
+    """Paths whose role matches any role selector (without its `@`)."""
+    from surgeon.role_names import role_matches
+
+    return {path for path, role in roles.items()
+            if any(role_matches(s.lstrip("@"), role) for s in selectors)}

@@ -1,0 +1,273 @@
+"""LoRA overhead, surgeon vs peft, on the same tiny llama in one process.
+
+    python bench/lora_overhead.py                 # the full run (a few minutes on CPU)
+    python bench/lora_overhead.py --device cuda   # on a GPU (adds peak memory)
+    python bench/lora_overhead.py --smoke         # seconds: checks the harness end to end
+
+For each case (LoRA on q,v / LoRA on all linear layers / DoRA on all linear layers) both
+libraries adapt deep copies of one base model and get *identical* adapter weights (random, so
+merging does real work; in-memory names are PEFT's in both, so the state dict copies 1:1). It
+then measures, interleaving surgeon and peft runs and taking medians:
+
+    apply        time to adapt a fresh copy of the model
+    decode       forward of 1x1 tokens, as overhead over the base model (ratio - 1)
+    prefill      forward of 4x256 tokens, same
+    merged       the same two forwards after merging (ideally no overhead)
+    merge        time to merge, and to unmerge; round-trip error of the base weights
+    train step   forward + backward + AdamW step on 4x256 tokens (2x64 with --smoke)
+    peak memory  of that training step (CUDA only)
+
+plus a 4-layer hidden-1024 llama DoRA decode case, where DoRA's weight norm dominates. It
+prints a table of ratios (surgeon / peft; below 1 means surgeon is faster) and one JSON line.
+Tests never assert timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Timing, clock, interleaved, once_each, peak_memory  # noqa: E402
+
+SIDES = ("surgeon", "peft")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    targets: str  # surgeon selector
+    peft_targets: object  # peft target_modules
+    dora: bool = False
+    metrics: tuple[str, ...] = ("apply", "decode", "prefill", "merge", "train")
+
+
+CASES = (
+    Case("lora_qv", "q_proj, v_proj", ["q_proj", "v_proj"]),
+    Case("lora_all_linear", "all-linear", "all-linear"),
+    Case("dora_all_linear", "all-linear", "all-linear", dora=True),
+)
+WIDE_DORA = Case("dora_qv_h1024", "q_proj, v_proj", ["q_proj", "v_proj"], dora=True, metrics=("decode",))
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    prefill: tuple[int, int]
+    train: tuple[int, int]
+
+
+def llama(shape: Shape, device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.hidden * 8 // 3 // 64 * 64 or 128,
+                         num_hidden_layers=shape.layers, num_attention_heads=max(shape.hidden // 64, 2),
+                         num_key_value_heads=max(shape.hidden // 64, 2), vocab_size=2048,
+                         max_position_embeddings=1024)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device).eval()
+
+
+# --------------------------------------------------------------------------- adapting
+
+
+def spec_text(case: Case, r: int = 16, alpha: int = 32) -> str:
+    return (f"adapter default = lora(r={r}, alpha={alpha}, dora={str(case.dora).lower()}) "
+            f"{{ target {case.targets} }}")
+
+
+def adapt(side: str, base, case: Case):
+    """A deep copy of `base` adapted by `side`; returns (model, seconds spent adapting)."""
+    model = copy.deepcopy(base)
+    if side == "surgeon":
+        import surgeon
+
+        spec = surgeon.load_spec(spec_text(case))
+        seconds = clock(lambda: surgeon.apply(spec, model), torch.device("cpu"))
+        return model, seconds
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=case.peft_targets, use_dora=case.dora)
+    box = {}
+    seconds = clock(lambda: box.setdefault("m", get_peft_model(model, config)), torch.device("cpu"))
+    return box["m"], seconds
+
+
+def randomize_like(surgeon_model, peft_model) -> float:
+    """Give both the same random adapter weights; returns their max output difference after."""
+    gen = torch.Generator().manual_seed(1)
+    ours = {n: p for n, p in surgeon_model.named_parameters() if p.requires_grad}
+    theirs = dict(peft_model.base_model.model.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.items():
+            value = torch.randn(p.shape, generator=gen).to(p) * 0.02
+            if "magnitude" in name:
+                value = p.detach() * (1 + value)
+            p.copy_(value)
+            theirs[name].copy_(value)
+    missing = [n for n, p in theirs.items() if p.requires_grad and n not in ours]
+    assert not missing, f"peft has adapter parameters surgeon lacks: {missing[:3]}"
+    ids = torch.arange(16, device=next(surgeon_model.parameters()).device)[None]
+    with torch.no_grad():
+        return (surgeon_model(ids).logits - peft_model(ids).logits).abs().max().item()
+
+
+def merge_fns(side: str, model):
+    if side == "surgeon":
+        import surgeon
+
+        return (lambda: surgeon.merge(model)), (lambda: surgeon.unmerge(model))
+    return model.merge_adapter, model.unmerge_adapter
+
+
+def base_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer.weight" in n}
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def forward_ms(models: dict, shape: tuple[int, int], device, timing: Timing) -> dict[str, float]:
+    ids = torch.randint(0, 2048, shape, device=device, generator=torch.Generator(device).manual_seed(0))
+
+    def call(model):
+        return lambda: model(ids)
+
+    with torch.no_grad():
+        return {k: v * 1e3 for k, v in interleaved({k: call(m) for k, m in models.items()}, device, timing).items()}
+
+
+def train_step(model, shape: tuple[int, int], device):
+    ids = torch.randint(0, 2048, shape, device=device, generator=torch.Generator(device).manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run_case(case: Case, base, shape: Shape, device, timing: Timing) -> dict:
+    out: dict[str, dict] = {}
+    models = {}
+    for side in SIDES:
+        models[side], _ = adapt(side, base, case)
+    out["agree_max_abs"] = {"value": randomize_like(models["surgeon"], models["peft"])}
+    if "apply" in case.metrics:
+        fns = {side: (lambda side=side: adapt(side, base, case)[1]) for side in SIDES}
+        out["apply_ms"] = {k: v * 1e3 for k, v in once_each(fns, timing.repeats).items()}
+    base_ms = forward_ms({"base": base}, (1, 1), device, timing)["base"]
+    decode = forward_ms(models, (1, 1), device, timing)
+    out["decode_overhead"] = {k: v / base_ms - 1 for k, v in decode.items()} | {"base_ms": base_ms}
+    if "prefill" in case.metrics:
+        base_pre = forward_ms({"base": base}, shape.prefill, device, timing)["base"]
+        prefill = forward_ms(models, shape.prefill, device, timing)
+        out["prefill_overhead"] = {k: v / base_pre - 1 for k, v in prefill.items()} | {"base_ms": base_pre}
+    if "merge" in case.metrics:
+        out.update(measure_merge(models, base_ms, base_pre, shape, device, timing))
+    if "train" in case.metrics:
+        for m in models.values():
+            m.train()
+        steps = {side: train_step(m, shape.train, device) for side, m in models.items()}
+        out["train_step_ms"] = {k: v * 1e3 for k, v in interleaved(
+            steps, device, Timing(max(timing.repeats // 2, 1), 1, 1)).items()}
+        out["train_peak_mib"] = {side: peak_memory(step, device) for side, step in steps.items()}
+    return out
+
+
+def measure_merge(models: dict, base_ms: float, base_pre: float, shape: Shape, device, timing: Timing) -> dict:
+    out: dict[str, dict] = {"merge_ms": {}, "unmerge_ms": {}, "roundtrip_max_abs": {}}
+    before = {side: base_weights(m) for side, m in models.items()}
+    fns = {side: merge_fns(side, m) for side, m in models.items()}
+    for side, (merge, unmerge) in fns.items():  # one merge, to time the merged forward
+        out["merge_ms"][side] = clock(merge, device) * 1e3
+    decode = forward_ms(models, (1, 1), device, timing)
+    prefill = forward_ms(models, shape.prefill, device, timing)
+    out["merged_decode_overhead"] = {k: v / base_ms - 1 for k, v in decode.items()}
+    out["merged_prefill_overhead"] = {k: v / base_pre - 1 for k, v in prefill.items()}
+    for side, (merge, unmerge) in fns.items():
+        out["unmerge_ms"][side] = clock(unmerge, device) * 1e3
+        after = base_weights(models[side])
+        out["roundtrip_max_abs"][side] = max((after[n] - w).abs().max().item() for n, w in before[side].items())
+    # more merge/unmerge pairs for stable timings, alternating sides
+    pairs = {side: (lambda f=f: (clock(f[0], device), clock(f[1], device))) for side, f in fns.items()}
+    samples = {side: [] for side in SIDES}
+    for _ in range(max(timing.repeats // 2, 1)):
+        for side, fn in pairs.items():
+            samples[side].append(fn())
+    for side, s in samples.items():
+        merges, unmerges = sorted(m for m, _ in s), sorted(u for _, u in s)
+        out["merge_ms"][side] = merges[len(merges) // 2] * 1e3
+        out["unmerge_ms"][side] = unmerges[len(unmerges) // 2] * 1e3
+    return out
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def rows_of(results: dict) -> list[tuple[str, str, str, str, str]]:
+    rows = []
+    for case, metrics in results.items():
+        for metric, values in metrics.items():
+            if metric == "agree_max_abs":
+                rows.append((case, "surgeon vs peft max|diff|", f"{values['value']:.1e}", "", ""))
+                continue
+            s, p = values.get("surgeon"), values.get("peft")
+            if s is None or p is None:
+                continue
+            overhead = "overhead" in metric
+            fmt = (lambda v: f"{v:+.1%}") if overhead else (lambda v: f"{v:.3g}")
+            # overheads compare as time ratios: (1 + o_s) / (1 + o_p); errors and times directly
+            r = (1 + s) / (1 + p) if overhead else (s / p if p else float("nan"))
+            rows.append((case, metric, fmt(s), fmt(p), f"{r:.2f}"))
+    return rows
+
+
+def print_table(results: dict) -> None:
+    rows = [("case", "metric", "surgeon", "peft", "surgeon/peft")] + rows_of(results)
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for i, row in enumerate(rows):
+        print("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="LoRA overhead: surgeon vs peft on a tiny llama.")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (tests)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    device = torch.device(args.device)
+    if args.smoke:
+        shape, wide, timing = Shape(64, 2, (1, 16), (1, 16)), Shape(128, 2, (1, 8), (1, 8)), Timing(1, 1, 0)
+    else:
+        shape, wide, timing = Shape(256, 4, (4, 256), (4, 256)), Shape(1024, 4, (1, 1), (1, 1)), Timing()
+    base = llama(shape, device)
+    results = {case.name: run_case(case, base, shape, device, timing) for case in CASES}
+    results[WIDE_DORA.name] = run_case(WIDE_DORA, llama(wide, device), wide, device, timing)
+    print(f"# surgeon / peft on llama hidden={shape.hidden} layers={shape.layers}, "
+          f"{WIDE_DORA.name}: hidden={wide.hidden}; device={device}; torch {torch.__version__}")
+    print_table(results)
+    meta = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "smoke": args.smoke}
+    print(json.dumps({"bench": "lora_overhead", **meta, "results": results}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""insert-adapters: build an adapted layer's forward graph and add adapter branches.
+
+Preconditions: `gm.graph` is empty, or was built by this pass for `layer` (possibly edited by
+`merge` / `unmerge`); every requested adapter exists on `layer`.
+
+Postconditions: the graph computes `base_layer(x)` (inlined as a functional call when exactly
+equivalent, see `surgeon.modules_base`), followed by one branch per requested adapter that was
+not in the graph yet, appended in the requested order. Each branch ends in a "result" node
+`add(prev, ...)`; a final "epilogue" `type_as` restores the base output dtype when an adapter's
+dtype differs from the base weight's. Every inserted node is tagged (`surgeon.modules_graph`).
+With `mixed=True`, each branch reads a `rows_<adapter>` placeholder (the batch rows using that
+adapter) and adds its output at those rows only. `modified` is True iff a node was added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import fx
+
+from surgeon.modules_base import emit_base
+from surgeon.modules_graph import META, Builder, result_nodes, tag
+from surgeon.passes.pipeline import PassResult
+
+if TYPE_CHECKING:
+    from surgeon.modules import AdaptedLayer
+
+
+@dataclass(frozen=True, slots=True)
+class InsertAdaptersPass:
+    """Insert the base call (if missing) and a branch for each adapter (if missing)."""
+
+    name: ClassVar[str] = "insert-adapters"
+    adapters: tuple[str, ...] | None = None  # default: the layer's lowered (active, unmerged) ones
+    mixed: bool = False  # branches serve only their rows of a mixed-adapter batch
+
+    def __call__(self, gm: fx.GraphModule, layer: AdaptedLayer) -> PassResult:
+        graph = gm.graph
+        built = not graph.nodes
+        if built:
+            build_base(graph, layer, self.name)
+        names = layer.lowered_adapters() if self.adapters is None else self.adapters
+        inserted = insert_branches(graph, layer, names, self.name, mixed=self.mixed)
+        return PassResult(gm, built or inserted)
+
+
+def _find(graph: fx.Graph, role: str) -> fx.Node:
+    return next(n for n in graph.nodes if tag(n).get("role") == role)
+
+
+def build_base(graph: fx.Graph, layer: AdaptedLayer, pass_name: str) -> None:
+    """`x -> base_layer(x) -> output` into an empty graph."""
+    provenance = {"rule": "", "pass": pass_name, "adapter": None}
+    x = graph.placeholder("x")
+    x.meta[META] = dict(provenance, role="input")
+    out = graph.output(None)
+    b = Builder(graph, layer, x, out, provenance, role="base")
+    y = emit_base(b, layer.kind)
+    y.meta[META]["role"] = "base_out"
+    out.args = (y,)
+
+
+def _anchor(graph: fx.Graph) -> fx.Node:
+    """Where branches go: before the epilogue if there is one, else before the output."""
+    out = graph.output_node()
+    first = out.args[0]
+    return first if tag(first).get("role") == "epilogue" else out
+
+
+def insert_branches(graph: fx.Graph, layer: AdaptedLayer, adapters: tuple[str, ...] | list[str],
+                    pass_name: str, *, mixed: bool = False) -> bool:
+    """Append a branch for each of `adapters` not in the graph; True if any was added."""
+    present = result_nodes(graph)
+    todo = [a for a in adapters if a not in present]
+    for adapter in todo:
+        _insert_branch(graph, layer, adapter, pass_name, mixed)
+    return bool(todo)
+
+
+def _insert_branch(graph: fx.Graph, layer: AdaptedLayer, adapter: str, pass_name: str,
+                   mixed: bool) -> None:
+    site = layer.sites[adapter]
+    provenance = {"rule": site.rule, "pass": pass_name, "adapter": adapter}
+    x = _find(graph, "input")
+    rows = None
+    if mixed:
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        with graph.inserting_after(last):
+            rows = graph.placeholder(f"rows_{adapter}")
+        rows.meta[META] = dict(provenance, role="rows")
+    if _needs_epilogue(layer, adapter):
+        _ensure_epilogue(graph, pass_name)
+    anchor = _anchor(graph)
+    prev = anchor.args[0]
+    b = Builder(graph, layer, x, anchor, provenance)
+    result = layer.method.emit(b, adapter, prev, rows)
+    anchor.args = (result, *anchor.args[1:])
+
+
+def _needs_epilogue(layer: AdaptedLayer, adapter: str) -> bool:
+    base_dtype = layer.base_layer.weight.dtype
+    return any(p.dtype != base_dtype for p in layer.adapter_parameters(adapter))
+
+
+def _ensure_epilogue(graph: fx.Graph, pass_name: str) -> None:
+    """`type_as(result, base_out)`: PEFT casts the summed output back to the base dtype."""
+    out = graph.output_node()
+    if tag(out.args[0]).get("role") == "epilogue":
+        return
+    with graph.inserting_before(out):
+        cast = graph.call_method("type_as", (out.args[0], _find(graph, "base_out")))
+    cast.meta[META] = {"rule": "", "pass": pass_name, "adapter": None, "role": "epilogue"}
+    out.args = (cast,)
+
+
+def rows_of(names: list[str] | tuple[str, ...], adapter: str, device: torch.device) -> torch.Tensor:
+    """Indices of the batch rows that use `adapter` (a `rows_<adapter>` input)."""
+    return torch.tensor([i for i, n in enumerate(names) if n == adapter], dtype=torch.long,
+                        device=device)

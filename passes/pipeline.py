@@ -1,0 +1,78 @@
+"""Run passes over an adapted layer's forward graph: re-root, lint and recompile after each.
+
+A pass is a frozen dataclass whose fields are its options, with `name: ClassVar[str]` and
+`__call__(gm, layer) -> PassResult`. It may edit `gm.graph` in place (adding attribute targets
+that `gm` does not hold yet); the pipeline then rebuilds the GraphModule rooted at the layer,
+which copies the targets and recompiles, and lints the graph. A failure re-raises the original
+exception with a note naming the pass and the pass history.
+
+Example:
+    >>> from surgeon.passes.insert_adapters import InsertAdaptersPass
+    >>> result = run_passes(empty_graph_module(), layer, [InsertAdaptersPass()])
+    >>> result.modified
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from torch import fx, nn
+
+if TYPE_CHECKING:
+    from surgeon.modules import AdaptedLayer
+
+
+@dataclass(frozen=True, slots=True)
+class PassResult:
+    """What a pass returns: the (possibly edited) graph module and whether anything changed."""
+
+    gm: fx.GraphModule
+    modified: bool
+
+
+class Pass(Protocol):
+    name: ClassVar[str]
+
+    def __call__(self, gm: fx.GraphModule, layer: AdaptedLayer) -> PassResult: ...
+
+
+def empty_graph_module() -> fx.GraphModule:
+    """The starting point of a lowering: a graph module with no nodes."""
+    return fx.GraphModule(nn.Module(), fx.Graph(), class_name="AdaptedForward")
+
+
+def run_passes(gm: fx.GraphModule, layer: AdaptedLayer, passes: Sequence[Pass], *,
+               verify: bool = False) -> PassResult:
+    """Run `passes` in order on `gm` for `layer`.
+
+    Args:
+        gm: the layer's current graph module (or `empty_graph_module()`).
+        layer: the adapted layer; passes may read and update its state (merged weights).
+        passes: pass instances, run in order.
+        verify: also check the graph invariants (`surgeon.passes.verify`) after each pass.
+
+    Returns:
+        The final graph module, and whether any pass changed anything.
+    """
+    history: list[str] = []
+    modified = False
+    for pass_ in passes:
+        history.append(pass_.name)
+        try:
+            result = pass_(gm, layer)
+            if result.modified:
+                gm = fx.GraphModule(layer, result.gm.graph, class_name="AdaptedForward")
+                gm.graph.lint()
+            if verify:
+                from surgeon.passes.verify import verify_graph
+
+                verify_graph(gm, layer)
+        except Exception as e:
+            e.add_note(f"surgeon: pass `{pass_.name}` failed on layer `{layer.path}` "
+                       f"(pass history: {' -> '.join(history)})")
+            raise
+        modified = modified or result.modified
+    return PassResult(gm, modified)

@@ -1,0 +1,293 @@
+"""The model-level API: apply a spec, save and load PEFT checkpoints, merge, switch, unload.
+
+Every function takes the user's own model (or its torch.compile wrapper) and works in place;
+the model stays the user's class, so `generate()`, Trainer and gradient checkpointing keep
+working. Semantics follow PEFT 0.21's PeftModel/LoraModel methods of the same names.
+
+    import surgeon
+    surgeon.apply("adapter default = lora(r=8) { target q_proj, v_proj }", model)
+    ...train...
+    surgeon.save_pretrained(model, "out/")              # loads with peft.PeftModel.from_pretrained
+    surgeon.load_adapter(model, "other_ckpt/", "other")  # a second adapter
+    model(**batch, adapter_names=["default", "other"])  # one adapter per row
+    with surgeon.disable_adapters(model): ...
+    plain = surgeon.merge_and_unload(model)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from surgeon import peft_format as pf
+from surgeon.apply import (
+    SavedModule, State, Transaction, activate, adapted_layers, commit, prepare, remove_hooks,
+    require_state, saved_modules, set_state, state_of, unwrap,
+)
+from surgeon.lang.spec import Spec
+
+__all__ = [
+    "active_adapters", "apply", "delete_adapter", "disable_adapters", "load_adapter", "merge",
+    "merge_and_unload", "save_pretrained", "set_adapter", "unload", "unmerge",
+]
+
+
+def _as_spec(spec) -> Spec:
+    if isinstance(spec, Spec):
+        return spec
+    from surgeon.lang.parse import load_spec
+
+    return load_spec(spec)
+
+
+def apply(spec: Spec | str | os.PathLike, model: nn.Module, *, example_inputs=None,
+          adapter_name: str | None = None) -> nn.Module:
+    """Adapt `model` in place as `spec` says, as one transaction; returns the same model.
+
+    Every adapted layer is built and validated before the first module is swapped; any error
+    leaves the model exactly as it was. Afterwards only adapter parameters (plus biases per
+    `bias=all|lora_only`, and modules to save) require grad. On a model that already has
+    adapters, the spec's adapters are added, inactive (as PEFT's add_adapter); the first
+    adapter applied to a plain model is the active one.
+
+    Args:
+        spec: a Spec, `.peft` text, or a path to a `.peft` file.
+        model: the host model.
+        example_inputs: inputs for graph capture, only needed by role selectors on models
+            whose inputs cannot be synthesised.
+        adapter_name: rename the spec's (single) adapter.
+
+    Example:
+        >>> surgeon.apply("adapter default = lora(r=8) { target @attn.q, @attn.v }", model)
+    """
+    from surgeon.apply import _rename
+
+    spec = _rename(_as_spec(spec), adapter_name)
+    host = unwrap(model)
+    prepared = prepare(spec, host, example_inputs=example_inputs)
+    tx = Transaction(host)
+    try:
+        commit(host, prepared, tx)
+    except BaseException:
+        tx.rollback()
+        raise
+    return model
+
+
+def active_adapters(model: nn.Module) -> tuple[str, ...]:
+    """The names of the active adapters."""
+    return require_state(model).active
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _layout(model: nn.Module, state: State) -> pf.Layout:
+    host = unwrap(model)
+    adapted = tuple(n for n, _ in adapted_layers(host))
+    saved = tuple((n, tuple(m.modules_to_save)) for n, m in saved_modules(host))
+    embeddings: tuple[str, ...] = ()
+    if callable(getattr(host, "get_input_embeddings", None)) and hasattr(host, "config"):
+        io = [host.get_input_embeddings(), host.get_output_embeddings()]
+        embeddings = tuple(n for n, m in adapted_layers(host) if any(m is e for e in io))
+    return pf.Layout(adapted, saved, state.names, embeddings)
+
+
+def _config(model: nn.Module, installed) -> dict:
+    from surgeon.peft_config import peft_config_for_sites
+
+    host = unwrap(model)
+    name_or_path = host.__dict__.get("name_or_path") or getattr(host, "name_or_path", None) or None
+    config = peft_config_for_sites(installed.adapter, installed.sites, base_model_name_or_path=name_or_path)
+    config["inference_mode"] = True  # PEFT writes every saved config in inference mode
+    if config.get("task_type") is None and "auto_mapping" in config:
+        config["auto_mapping"] = {"base_model_class": type(host).__name__,
+                                  "parent_library": type(host).__module__}
+    return config
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, *,
+                    selected_adapters: Sequence[str] | None = None) -> None:
+    """Write the adapters as a PEFT checkpoint: `adapter_config.json`, `adapter_model.safetensors`,
+    a README.md; the default adapter at `path`, each other one in `path/<name>/` (as PEFT 0.21).
+
+    Written to a temporary folder and renamed into place, so a failure leaves `path` as it was.
+    The result loads with `peft.PeftModel.from_pretrained(base_model, path)`.
+    """
+    state = require_state(model)
+    names = list(state.names if selected_adapters is None else selected_adapters)
+    unknown = [n for n in names if n not in state.names]
+    if unknown:
+        raise ValueError(f"selected_adapters {unknown} are not in the model; it has {list(state.names)}")
+    layout = _layout(model, state)
+    tensors = unwrap(model).state_dict()
+    out = {}
+    for name in names:
+        config = _config(model, state.get(name))
+        out[name] = (config, pf.adapter_state_dict(tensors, layout, name, config))
+    pf.write_checkpoint(path, out, pf.model_card({n: c for n, (c, _) in out.items()}))
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *,
+                 allow_pickle: bool = False, is_trainable: bool = False) -> nn.Module:
+    """Load a PEFT checkpoint folder (written by PEFT or surgeon) as adapter `adapter_name`.
+
+    The folder's adapter_config.json is decompiled into a spec and applied (to a plain model,
+    or added to an adapted one), then every checkpoint key and shape is checked against the
+    model; all mismatches are reported in one `CheckpointError`, and any error leaves the model
+    unchanged. `.bin` pickles load only with `allow_pickle=True` (then `weights_only=True`).
+    Like PEFT, the adapter is frozen unless `is_trainable=True`; it is active on a plain model.
+    """
+    from surgeon.peft_config import spec_from_peft_config
+
+    config, tensors = pf.read_checkpoint(path, allow_pickle=allow_pickle)
+    spec = Spec((spec_from_peft_config(config, name=adapter_name),))
+    host = unwrap(model)
+    prepared = prepare(spec, host)
+    tx = Transaction(host)
+    try:
+        state = commit(host, prepared, tx, trainable=is_trainable)
+        layout, current = _layout(host, state), host.state_dict(keep_vars=True)
+        matched = pf.match_checkpoint(tensors, current, layout, adapter_name)
+        owned = set(pf.load_key_map(current, layout, adapter_name).values())
+        _copy_in(host, matched, owned)
+    except BaseException:
+        tx.rollback()
+        raise
+    return model
+
+
+@torch.no_grad()
+def _copy_in(host: nn.Module, matched: dict[str, torch.Tensor], owned: set[str]) -> None:
+    """Copy checkpoint tensors in; base tensors (trained biases) are restored on failure."""
+    targets = host.state_dict(keep_vars=True)
+    backup = {k: targets[k].detach().clone() for k in matched if k not in owned}
+    try:
+        for key, tensor in matched.items():
+            targets[key].copy_(tensor)
+    except BaseException:
+        for key, old in backup.items():
+            targets[key].copy_(old)
+        raise
+    for _, layer in adapted_layers(host):
+        layer.relower()  # DoRA norms and other caches read the new values
+
+
+# --------------------------------------------------------------------------- merge / unload
+
+
+def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, *, safe_merge: bool = False) -> None:
+    """Fold the active (or named) adapters into the base weights (PEFT's merge_adapter)."""
+    state = require_state(model)
+    for name in adapter_names or ():
+        state.get(name)
+    for _, layer in adapted_layers(model):
+        names = [a for a in (adapter_names if adapter_names is not None else state.active) if a in layer.sites]
+        if names:
+            layer.merge(names, safe_merge=safe_merge)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Restore the base weights of every merged layer (PEFT's unmerge_adapter)."""
+    require_state(model)
+    for _, layer in adapted_layers(model):
+        if layer.merged:
+            layer.unmerge()
+
+
+def _unwrap_all(model: nn.Module, *, merge_first: bool, adapter_names, safe_merge: bool) -> nn.Module:
+    host = unwrap(model)
+    state = require_state(host)
+    if merge_first:
+        merge(host, adapter_names, safe_merge=safe_merge)
+    for path, layer in list(adapted_layers(host)):
+        _replace(host, path, layer.base_layer)
+    for path, saved in list(saved_modules(host)):
+        # PEFT's ModulesToSaveWrapper unloads to the active adapter's copy
+        _replace(host, path, saved.current() if not state.disabled else saved.original_module)
+    remove_hooks(host)
+    set_state(host, None)
+    return model
+
+
+def _replace(host: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(host.get_submodule(parent_path), name, module)
+
+
+def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None, *,
+                     safe_merge: bool = False) -> nn.Module:
+    """Merge the active (or named) adapters and return the plain model (no surgeon modules)."""
+    return _unwrap_all(model, merge_first=True, adapter_names=adapter_names, safe_merge=safe_merge)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging and return the plain model (earlier merges stay)."""
+    return _unwrap_all(model, merge_first=False, adapter_names=None, safe_merge=False)
+
+
+# --------------------------------------------------------------------------- switching
+
+
+def set_adapter(model: nn.Module, name_or_names: str | Sequence[str]) -> None:
+    """Activate one adapter or several (their outputs add up); only they require grad."""
+    state = require_state(model)
+    names = (name_or_names,) if isinstance(name_or_names, str) else tuple(name_or_names)
+    for name in names:
+        state.get(name)
+    new = State(state.adapters, names, state.disabled)
+    activate(model, new)
+    set_state(model, new)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block (merged adapters are unmerged first)."""
+    state = require_state(model)
+    if state.disabled:
+        yield model
+        return
+    _enable(model, state, False)
+    try:
+        yield model
+    finally:
+        _enable(model, require_state(model), True)
+
+
+def _enable(model: nn.Module, state: State, enabled: bool) -> None:
+    for _, layer in adapted_layers(model):
+        layer.enable_adapters(enabled)
+    for _, saved in saved_modules(model):
+        saved.disabled = not enabled
+    new = State(state.adapters, state.active, not enabled)
+    set_state(model, new)
+    if enabled:
+        activate(model, new)  # re-applies which copies and adapters train
+    else:
+        for _, saved in saved_modules(model):
+            saved.modules_to_save.requires_grad_(False)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Delete adapter `name` everywhere; if it was active, PEFT's rule picks the next active."""
+    state = require_state(model)
+    state.get(name)
+    for path, layer in adapted_layers(model):
+        if name in layer.merged_adapters:
+            raise ValueError(f"adapter `{name}` is merged into `{path}`; unmerge it first")
+    rest = tuple(a for a in state.adapters if a.name != name)
+    active = tuple(a for a in state.active if a != name)
+    if not active and rest:
+        active = (sorted(a.name for a in rest)[0],)
+    new = State(rest, active, state.disabled)
+    activate(model, new)
+    for _, layer in adapted_layers(model):
+        layer.delete_adapter(name)
+    for _, saved in saved_modules(model):
+        if name in saved.modules_to_save:
+            del saved.modules_to_save[name]
+    set_state(model, new)

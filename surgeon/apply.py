@@ -1,0 +1,431 @@
+"""Apply a Spec to a host model as one transaction.
+
+    prepare: plan against the model as if unadapted, build every AdaptedLayer and saved-module
+             copy off to the side, and validate; the model is only read.
+    commit:  swap the new modules in, add adapters to layers that already exist, mark what
+             trains, record the adapters on the model. Every step logs its undo, so an error
+             anywhere rolls the model back to exactly what it was (module identity, state_dict,
+             requires_grad flags).
+
+The model keeps a `State` (frozen; replaced, never edited) under `STATE_ATTR`: what each adapter
+is (spec + sites + saved modules), which adapters are active, whether they are disabled. Model-
+level operations (surgeon.api) read it and act on every `AdaptedLayer` / `SavedModule`.
+
+Mixed-adapter batches: a forward pre-hook on the root takes `adapter_names=[...]` out of the
+call's keyword arguments and hands it to every adapted layer for that call; a post-hook that
+always runs clears it. The hooks are plain functions of the module, so deep copies keep working.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from surgeon.lang.spec import Adapter, Spec
+from surgeon.modules import AdaptedLayer
+from surgeon.site import Site
+
+STATE_ATTR = "surgeon_state"
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+# --------------------------------------------------------------------------- saved modules
+
+
+class SavedModule(nn.Module):
+    """PEFT's ModulesToSaveWrapper: the original module and one trainable copy per adapter.
+
+    In-memory names are PEFT's (`original_module.*`, `modules_to_save.<adapter>.*`); the active
+    adapter's copy runs, the original when none is active or adapters are disabled.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+        self.adapter_names: Sequence[str] | None = None
+
+    def current(self) -> nn.Module:
+        if self.disabled or self.active not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active]
+
+    def forward(self, *args, **kwargs):
+        names = self.adapter_names
+        if names is None or self.disabled:
+            return self.current()(*args, **kwargs)
+        x, rest = args[0], args[1:]
+        out = [None] * len(names)
+        for name in dict.fromkeys(names):
+            rows = [i for i, n in enumerate(names) if n == name]
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            for i, y in zip(rows, module(x[rows], *rest, **kwargs)):
+                out[i] = y
+        return torch.stack(out)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "_modules" not in self.__dict__ or name in ("original_module", "modules_to_save"):
+                raise
+            # host code reads attributes of the wrapped module (`lm_head.weight`, `out_features`)
+            return getattr(self.current(), name)
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True, slots=True)
+class Installed:
+    """One adapter as it lives in the model."""
+
+    adapter: Adapter  # the spec's adapter (options by PEFT name, rules)
+    sites: tuple[Site, ...]  # its adapted modules
+    save: tuple[str, ...] = ()  # modules saved whole (modules_to_save), by path
+    trainable: bool = True  # False: loaded for inference (PEFT's is_trainable=False)
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """Every adapter of a model, which are active, and whether adapters are disabled."""
+
+    adapters: tuple[Installed, ...]
+    active: tuple[str, ...]
+    disabled: bool = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.adapters)
+
+    def get(self, name: str) -> Installed:
+        for a in self.adapters:
+            if a.name == name:
+                return a
+        raise KeyError(f"no adapter `{name}` in the model; it has {', '.join(self.names) or 'none'}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module itself when `model` is a torch.compile wrapper."""
+    return model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
+
+
+def state_of(model: nn.Module) -> State | None:
+    return unwrap(model).__dict__.get(STATE_ATTR)
+
+
+def require_state(model: nn.Module) -> State:
+    state = state_of(model)
+    if state is None:
+        raise ValueError(f"`{type(model).__name__}` has no surgeon adapters; call surgeon.apply first")
+    return state
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    return ((n, m) for n, m in unwrap(model).named_modules() if isinstance(m, AdaptedLayer))
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
+    return ((n, m) for n, m in unwrap(model).named_modules() if isinstance(m, SavedModule))
+
+
+# --------------------------------------------------------------------------- the planner's view
+
+
+def base_view(model: nn.Module) -> nn.Module:
+    """The model as if unadapted, without touching it: what the planner must see.
+
+    Ancestors of adapted layers and saved modules are shallow copies (sharing parameters) whose
+    children are the base layers and original modules; everything else is the model's own object.
+    """
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, (AdaptedLayer, SavedModule))}
+    if not wrapped:
+        return model
+    ancestors = {".".join(p.split(".")[:i]) for p in wrapped for i in range(p.count(".") + 1)}
+
+    def view(module: nn.Module, path: str) -> nn.Module:
+        if isinstance(module, AdaptedLayer):
+            return module.base_layer
+        if isinstance(module, SavedModule):
+            return module.original_module
+        if path not in ancestors:
+            return module
+        clone = type(module).__new__(type(module))
+        clone.__dict__.update(module.__dict__)
+        clone.__dict__["_modules"] = {
+            name: view(child, f"{path}.{name}" if path else name) if child is not None else None
+            for name, child in module._modules.items()
+        }
+        return clone
+
+    return view(model, "")
+
+
+# --------------------------------------------------------------------------- transaction
+
+
+class Transaction:
+    """An undo log over one model: `do(step, undo)`, then `rollback()` on any error."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._undo: list[Callable[[], None]] = []
+        self._grad = [(p, p.requires_grad) for p in model.parameters()]
+        self._state = model.__dict__.get(STATE_ATTR)
+
+    def do(self, step: Callable[[], None], undo: Callable[[], None]) -> None:
+        step()
+        self._undo.append(undo)
+
+    def swap(self, path: str, new: nn.Module) -> None:
+        parent_path, _, name = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path)
+        old = parent._modules[name]
+        self.do(lambda: setattr(parent, name, new), lambda: setattr(parent, name, old))
+
+    def rollback(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        for p, flag in self._grad:
+            p.requires_grad_(flag)
+        set_state(self.model, self._state)
+
+
+def set_state(model: nn.Module, state: State | None) -> None:
+    model = unwrap(model)
+    if state is None:
+        model.__dict__.pop(STATE_ATTR, None)
+    else:
+        model.__dict__[STATE_ATTR] = state
+
+
+@dataclass
+class Prepared:
+    """Everything built for a commit; the model has not been touched yet."""
+
+    adapters: tuple[Installed, ...]
+    new_layers: dict[str, AdaptedLayer]  # path -> a layer to swap in
+    added_sites: list[tuple[AdaptedLayer, Site]]  # sites for layers the model already has
+    new_saved: dict[str, SavedModule]  # path -> a wrapper to swap in
+    added_copies: list[tuple[SavedModule, str, nn.Module]]  # (existing wrapper, adapter, copy)
+
+
+def _rename(spec: Spec, adapter_name: str | None) -> Spec:
+    if adapter_name is None:
+        return spec
+    if len(spec.adapters) != 1:
+        raise ValueError(f"adapter_name={adapter_name!r} needs a spec with one adapter; "
+                         f"this one has {len(spec.adapters)}")
+    return dataclasses.replace(spec, adapters=(dataclasses.replace(spec.adapters[0], name=adapter_name),))
+
+
+def _check_names(spec: Spec, state: State | None) -> None:
+    existing = set(state.names) if state else set()
+    for a in spec.adapters:
+        if a.name in existing:
+            raise ValueError(f"adapter `{a.name}` already exists in the model; delete it first or "
+                             "choose another name")
+        if a.name == BASE or "." in a.name or not a.name:
+            raise ValueError(f"`{a.name}` cannot name an adapter (no dots, not `{BASE}`)")
+
+
+def prepare(spec: Spec, model: nn.Module, *, example_inputs=None) -> Prepared:
+    """Plan `spec` and build every new module, reading the model only."""
+    from surgeon.plan import plan as make_plan
+
+    state = state_of(model)
+    _check_names(spec, state)
+    the_plan = make_plan(spec, base_view(model), example_inputs=example_inputs)
+    prepared = Prepared((), {}, [], {}, [])
+    for ap in the_plan.adapters:
+        if ap.tokens:
+            raise NotImplementedError(f"adapter `{ap.name}`: `tokens` (trainable_token_indices) is "
+                                      "planned and converted but not applied yet")
+        prepared.adapters += (Installed(ap.adapter, ap.sites, ap.save),)
+        for site in ap.sites:
+            _prepare_site(model, site, prepared)
+        for path in ap.save:
+            _prepare_saved(model, path, ap.name, prepared)
+    return prepared
+
+
+def _prepare_site(model: nn.Module, site: Site, prepared: Prepared) -> None:
+    if site.path in prepared.new_layers:
+        prepared.new_layers[site.path].add_adapter(site)  # not in the model yet
+        return
+    module = model.get_submodule(site.path)
+    if isinstance(module, AdaptedLayer):
+        if site.kind != module.kind or site.method != module.method.name:
+            raise ValueError(f"`{site.path}` holds {module.method.name}/{module.kind} adapters; "
+                             f"cannot add a {site.method}/{site.kind} one")
+        prepared.added_sites.append((module, site))
+    elif isinstance(module, SavedModule):
+        raise ValueError(f"`{site.path}` is saved whole by another adapter; it cannot also be adapted")
+    else:
+        prepared.new_layers[site.path] = AdaptedLayer(module, site)
+
+
+def _prepare_saved(model: nn.Module, path: str, adapter: str, prepared: Prepared) -> None:
+    if path in prepared.new_saved:
+        wrapper = prepared.new_saved[path]
+        wrapper.modules_to_save[adapter] = copy.deepcopy(wrapper.original_module)
+        return
+    module = model.get_submodule(path)
+    if isinstance(module, SavedModule):
+        prepared.added_copies.append((module, adapter, copy.deepcopy(module.original_module)))
+    elif isinstance(module, AdaptedLayer):
+        raise ValueError(f"`{path}` is adapted by another adapter; it cannot also be saved whole")
+    else:
+        wrapper = SavedModule(module)
+        wrapper.modules_to_save[adapter] = copy.deepcopy(module)
+        prepared.new_saved[path] = wrapper
+
+
+def commit(model: nn.Module, prepared: Prepared, tx: Transaction, *, trainable: bool = True) -> State:
+    """Swap the prepared modules in and record the adapters; every step undoable through `tx`."""
+    for path, layer in prepared.new_layers.items():
+        tx.swap(path, layer)
+    for layer, site in prepared.added_sites:
+        tx.do(lambda l=layer, s=site: l.add_adapter(s), lambda l=layer, s=site: l.delete_adapter(s.adapter))
+    for path, wrapper in prepared.new_saved.items():
+        tx.swap(path, wrapper)
+    for wrapper, name, module in prepared.added_copies:
+        tx.do(lambda w=wrapper, n=name, m=module: w.modules_to_save.__setitem__(n, m),
+              lambda w=wrapper, n=name: w.modules_to_save.__delitem__(n))
+    old = state_of(model)
+    added = tuple(dataclasses.replace(a, trainable=trainable) for a in prepared.adapters)
+    active = old.active if old else (added[0].name,)
+    state = State((old.adapters if old else ()) + added, active, old.disabled if old else False)
+    activate(model, state, tx)
+    freeze_base(model, state)
+    set_state(model, state)
+    install_hooks(model, tx)
+    return state
+
+
+# --------------------------------------------------------------------------- activation, training
+
+
+def activate(model: nn.Module, state: State, tx: Transaction | None = None) -> None:
+    """Make every layer and saved module follow `state.active` (PEFT's set_adapter)."""
+    want = list(state.active)
+    for _, layer in adapted_layers(model):
+        if layer.active != want:
+            before = list(layer.active)
+            if tx is None:
+                layer.set_adapter(want)
+            else:
+                tx.do(lambda l=layer: l.set_adapter(want), lambda l=layer, b=before: l.set_adapter(b))
+        _freeze_inference(layer, state)
+    for _, saved in saved_modules(model):
+        present = [a for a in want if a in saved.modules_to_save]
+        if len(present) > 1:
+            raise ValueError("only one adapter with saved modules can be active at a time, got "
+                             f"{present} (PEFT's rule)")
+        before = saved.active
+        if tx is not None:
+            tx.do(lambda s=saved: setattr(s, "active", present[0] if present else None),
+                  lambda s=saved, b=before: setattr(s, "active", b))
+        else:
+            saved.active = present[0] if present else None
+        for name, copy_ in saved.modules_to_save.items():
+            copy_.requires_grad_(name == saved.active and state.get(name).trainable)
+
+
+def _freeze_inference(layer: AdaptedLayer, state: State) -> None:
+    for name in layer.sites:
+        if name in state.names and not state.get(name).trainable:
+            for p in layer.adapter_parameters(name):
+                p.requires_grad_(False)
+
+
+def freeze_base(model: nn.Module, state: State) -> None:
+    """PEFT's mark_only_adapters_as_trainable: freeze all but adapter parameters, then biases."""
+    keep: set[int] = set()
+    for _, layer in adapted_layers(model):
+        for name in layer.sites:
+            keep.update(id(p) for p in layer.adapter_parameters(name))
+    for _, saved in saved_modules(model):
+        keep.update(id(p) for p in saved.modules_to_save.parameters())
+    for p in unwrap(model).parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+    for name in state.active:
+        installed = state.get(name)
+        bias = installed.adapter.option("bias") or "none"
+        if installed.trainable and bias == "all":
+            for n, p in unwrap(model).named_parameters():
+                if n == "bias" or n.endswith(".bias"):
+                    p.requires_grad_(True)
+        elif installed.trainable and bias.endswith("_only"):
+            for _, layer in adapted_layers(model):
+                if isinstance(getattr(layer.base_layer, "bias", None), nn.Parameter):
+                    layer.base_layer.bias.requires_grad_(True)
+
+
+# --------------------------------------------------------------------------- mixed batches
+
+
+def _take_adapter_names(module: nn.Module, args, kwargs):
+    names = kwargs.pop("adapter_names", None)
+    if names is None:
+        return None
+    state = state_of(module)
+    if module.training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    unknown = sorted({n for n in names if n != BASE} - set(state.names if state else ()))
+    if unknown:
+        raise ValueError(f"unknown adapter(s) in adapter_names: {unknown}; "
+                         f"the model has {list(state.names if state else ())} and `{BASE}`")
+    _set_rows(module, list(names))
+    return args, kwargs
+
+
+def _clear_adapter_names(module: nn.Module, args, kwargs, output):
+    _set_rows(module, None)
+
+
+def _set_rows(module: nn.Module, names: list[str] | None) -> None:
+    for _, layer in adapted_layers(module):
+        layer.adapter_names = names
+    for _, saved in saved_modules(module):
+        saved.adapter_names = names
+
+
+def install_hooks(model: nn.Module, tx: Transaction | None = None) -> None:
+    """Root hooks that route `model(..., adapter_names=[...])` to every adapted layer."""
+    model = unwrap(model)
+    if _take_adapter_names in model._forward_pre_hooks.values():
+        return
+    handles = []
+
+    def add() -> None:
+        handles.append(model.register_forward_pre_hook(_take_adapter_names, with_kwargs=True, prepend=True))
+        handles.append(model.register_forward_hook(_clear_adapter_names, with_kwargs=True, always_call=True))
+
+    if tx is None:
+        add()
+    else:
+        tx.do(add, lambda: [h.remove() for h in handles])
+
+
+def remove_hooks(model: nn.Module) -> None:
+    model = unwrap(model)
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key, fn in list(hooks.items()):
+            if fn in (_take_adapter_names, _clear_adapter_names):
+                del hooks[key]
+                model._forward_hooks_with_kwargs.pop(key, None)
+                model._forward_pre_hooks_with_kwargs.pop(key, None)
+                model._forward_hooks_always_called.pop(key, None)
