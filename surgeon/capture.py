@@ -211,16 +211,37 @@ def _structure(block: nn.Module) -> tuple:
 
 
 def _install_stand_ins(meta: nn.Module) -> dict[str, str]:
-    """Short-circuit every sibling block of the meta copy; return sibling -> representative."""
+    """Replace every sibling block of the meta copy by a stand-in; return sibling -> representative."""
     outputs: dict[str, Any] = {}
     stand_ins: dict[str, str] = {}
     for rep, siblings in repeated_blocks(meta).items():
         meta.get_submodule(rep).register_forward_hook(functools.partial(_record, outputs, rep))
         for sibling in siblings:
-            module = meta.get_submodule(sibling)
-            module.forward = functools.partial(_pass_through, outputs, rep)  # type: ignore[method-assign]
+            parent, _, name = sibling.rpartition(".")
+            block = meta.get_submodule(sibling)
+            setattr(meta.get_submodule(parent), name, _StandIn(block, functools.partial(_pass_through, outputs, rep)))
             stand_ins[sibling] = rep
     return stand_ins
+
+
+class _StandIn(nn.Module):
+    """Takes a sibling block's place in the meta copy during capture.
+
+    It owns no parameters, so the sibling's weights never enter the exported program (lifting
+    them is what makes a 32-layer export slow); attribute reads the model's forward makes on its
+    layers (`layer.attention_type`) still reach the block it replaces.
+    """
+
+    def __init__(self, block: nn.Module, forward: Any) -> None:
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # unregistered on purpose
+        object.__setattr__(self, "_forward", forward)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return object.__getattribute__(self, "_forward")(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_block"), name)
 
 
 def _record(outputs: dict[str, Any], rep: str, module: nn.Module, args: Any, output: Any) -> None:

@@ -15,6 +15,7 @@ Only the parser is imported up front, so `surgeon check` never imports torch.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ class UsageError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (the console script passes it to sys.exit)."""
+    if not sys.stderr.isatty():  # weight-loading bars are noise in logs and pipes
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -57,10 +57,6 @@ def _model_flags(cmd: argparse.ArgumentParser) -> None:
 def _load_model(args: argparse.Namespace):
     from surgeon.models import load_model
 
-    if not sys.stderr.isatty():  # transformers' weight-loading bar is noise in logs and pipes
-        from transformers.utils import logging
-
-        logging.disable_progress_bar()
     return load_model(args.model, inputs=tuple(args.input))
 
 

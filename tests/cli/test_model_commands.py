@@ -68,7 +68,13 @@ def test_spec_errors_against_a_model_are_rendered_diagnostics(tmp_path: Path):
     assert not result.err.startswith("surgeon: error:"), result
 
 
-def test_model_argument_failures_are_one_clear_line(tmp_path: Path):
+def test_model_argument_failures_are_one_clear_line(tmp_path: Path, capsys, monkeypatch):
+    """Every MODEL form's failure, through `main()` in this process (the subprocess path of the
+    same code is covered above and by the Hub case below)."""
+    from surgeon.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "mlp.peft").write_text(MLP_SPEC)
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
@@ -76,13 +82,19 @@ def test_model_argument_failures_are_one_clear_line(tmp_path: Path):
         "tiny:nosuchtype": "transformers has no model type 'nosuchtype'",
         "./missing-dir": "no such directory",
         "adapter": "holds a PEFT adapter",
-        "someone/some-model": "HF_HUB_OFFLINE is set",
         f"py:{FACTORIES}:not_a_module": "returned int, not a torch.nn.Module",
         f"py:{FACTORIES}:broken": "broken() raised RuntimeError: the factory failed on purpose",
         "py:no_such_package.models:build": "cannot import 'no_such_package.models'",
         f"py:{FACTORIES}:missing": "has no callable 'missing'",
     }
     for model, message in cases.items():
-        result = surgeon("plan", "mlp.peft", "--model", model, cwd=tmp_path)
-        assert_user_error(result, message)
-        assert len(result.err.strip().splitlines()) == 1, result
+        rc = main(["plan", "mlp.peft", "--model", model])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (model, err)
+
+
+def test_hub_id_offline_is_one_clear_line(tmp_path: Path):
+    (tmp_path / "mlp.peft").write_text(MLP_SPEC)
+    result = surgeon("plan", "mlp.peft", "--model", "someone/some-model", cwd=tmp_path)
+    assert_user_error(result, "someone/some-model", "HF_HUB_OFFLINE is set", "not in the local cache")
+    assert len(result.err.strip().splitlines()) == 1, result
