@@ -89,10 +89,11 @@ def adapt(side: str, base, case: Case):
     """A deep copy of `base` adapted by `side`; returns (model, seconds spent adapting)."""
     model = copy.deepcopy(base)
     if side == "surgeon":
-        import surgeon
+        from surgeon.api import apply
+        from surgeon.lang import load_spec
 
-        spec = surgeon.load_spec(spec_text(case))
-        seconds = clock(lambda: surgeon.apply(spec, model), torch.device("cpu"))
+        spec = load_spec(spec_text(case))
+        seconds = clock(lambda: apply(spec, model), torch.device("cpu"))
         return model, seconds
     from peft import LoraConfig, get_peft_model
 
@@ -123,9 +124,9 @@ def randomize_like(surgeon_model, peft_model) -> float:
 
 def merge_fns(side: str, model):
     if side == "surgeon":
-        import surgeon
+        from surgeon.api import merge, unmerge
 
-        return (lambda: surgeon.merge(model)), (lambda: surgeon.unmerge(model))
+        return (lambda: merge(model)), (lambda: unmerge(model))
     return model.merge_adapter, model.unmerge_adapter
 
 

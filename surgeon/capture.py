@@ -86,18 +86,17 @@ def capture(model: nn.Module, example_inputs: Any = None, *, blocks: bool = True
     `symbolic_trace`. Raises `CaptureError` with every front end's reason when none works.
     """
     inputs = as_example_inputs(model, example_inputs)
-    copies = _MetaCopies(model)
     reasons: list[str] = []
     if inputs is None:
         reasons.append("export: no example inputs (give `example_inputs`, or use a transformers model)")
     attempts = ((True, "export-blocks"), (False, "export")) if blocks else ((False, "export"),)
     for use_blocks, frontend in attempts if inputs is not None else ():
         try:
-            return _export(copies.fresh(), inputs, use_blocks, frontend)
+            return _export(meta_copy(model).eval(), inputs, use_blocks, frontend)
         except Exception as error:  # noqa: BLE001 - any tracing failure moves to the next front end
             reasons.append(f"{frontend}: {_first_line(error)}")
     try:
-        meta = copies.fresh()
+        meta = meta_copy(model).eval()
         return Capture(torch.fx.symbolic_trace(meta), "", "symbolic_trace", {}, meta)
     except Exception as error:  # noqa: BLE001
         reasons.append(f"symbolic_trace: {_first_line(error)}")
@@ -107,23 +106,12 @@ def capture(model: nn.Module, example_inputs: Any = None, *, blocks: bool = True
     )
 
 
-class _MetaCopies:
-    """Meta copies of one model: the first is made once, later ones only after it was used."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.first: nn.Module | None = meta_copy(model)
-
-    def fresh(self) -> nn.Module:
-        first, self.first = self.first, None
-        return first if first is not None else meta_copy(self.model)
-
-
 def meta_copy(model: nn.Module) -> nn.Module:
     """A deep copy of `model` whose parameters and buffers are empty meta tensors.
 
     The deepcopy memo maps every tensor to its meta twin before copying, so no weight is ever
-    duplicated in memory and tied weights stay tied.
+    duplicated in memory and tied weights stay tied. Each capture attempt takes a fresh copy
+    (in eval mode: inference dataflow, no train-only sampling) because stand-ins change it.
     """
     memo: dict[int, Any] = {}
     for tensor in (*model.parameters(), *model.buffers()):

@@ -69,6 +69,9 @@ def _report(error: Exception, *, debug: bool) -> int:
         else:
             print(f"surgeon: error: {error}", file=sys.stderr)
         return EXIT_USER
+    if isinstance(error, NotImplementedError):  # a known limitation, stated in the message
+        print(f"surgeon: error: {error}", file=sys.stderr)
+        return EXIT_USER
     if isinstance(error, OSError) and error.filename is not None:
         print(f"surgeon: error: '{error.filename}': {error.strerror or error}", file=sys.stderr)
         return EXIT_USER

@@ -214,11 +214,11 @@ def _configs_without_model(spec) -> dict[str, dict]:
 
 
 def _configs_for_model(spec, args: argparse.Namespace) -> dict[str, dict]:
-    import surgeon
     from surgeon.peft_config import peft_config_for_sites
+    from surgeon.plan import plan as make_plan
 
     loaded = _load_model(args)
-    plan = surgeon.plan(spec, loaded.model, example_inputs=loaded.example_inputs)
+    plan = make_plan(spec, loaded.model, example_inputs=loaded.example_inputs)
     return {a.name: peft_config_for_sites(a.adapter, a.sites, base_model_name_or_path=loaded.reference)
             for a in plan.adapters}
 
@@ -233,11 +233,11 @@ def _plan_arguments(cmd: argparse.ArgumentParser) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    import surgeon
+    from surgeon.plan import plan as make_plan
 
     spec = _load_spec(args.spec)
     loaded = _load_model(args)
-    plan = surgeon.plan(spec, loaded.model, example_inputs=loaded.example_inputs)
+    plan = make_plan(spec, loaded.model, example_inputs=loaded.example_inputs)
     if args.json:
         _print_json(plan.to_json())
     else:
@@ -257,22 +257,38 @@ def _apply_arguments(cmd: argparse.ArgumentParser) -> None:
 def run_apply(args: argparse.Namespace) -> int:
     import torch
 
-    import surgeon
+    from surgeon.api import apply, save_pretrained
+    from surgeon.apply import state_of
+    from surgeon.plan import plan as make_plan
 
     spec = _only_adapter(_load_spec(args.spec), args.adapter)
     output = Path(args.output)
     check_output(output, directory=True, force=args.force)  # before the slow part
     loaded = _load_model(args)
-    plan = surgeon.plan(spec, loaded.model, example_inputs=loaded.example_inputs)
+    _warn_unmatched(make_plan(spec, loaded.model, example_inputs=loaded.example_inputs))
     torch.manual_seed(args.seed)
-    surgeon.apply(spec, loaded.model, example_inputs=loaded.example_inputs)
+    apply(spec, loaded.model, example_inputs=loaded.example_inputs)
     with atomic_dir(output, force=args.force) as tmp:
-        surgeon.save_pretrained(loaded.model, tmp)
-    names = ", ".join(f"'{a.name}'" for a in plan.adapters)
-    print(f"{loaded.name}: {len(plan.sites)} sites ({names}); trainable params: "
-          f"{plan.trainable_params:,} of {plan.model_params:,} ({plan.trainable_percent:.4f}%)")
-    print(f"wrote {output}")
+        save_pretrained(loaded.model, tmp)
+    installed = state_of(loaded.model).adapters
+    sites = sum(len(a.sites) for a in installed)
+    params = list(loaded.model.parameters())
+    trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    # PEFT's print_trainable_parameters numbers: adapter parameters count in the total
+    print(f"{loaded.name}: {sites} sites; trainable params: {trainable:,} || all params: {total:,} "
+          f"|| trainable%: {100 * trainable / total:.4f}")
+    for a in installed:
+        where = output if a.adapter.name == "default" else output / a.adapter.name
+        print(f"wrote adapter '{a.adapter.name}' ({a.adapter.method}, {len(a.sites)} sites) to {where}")
     return 0
+
+
+def _warn_unmatched(plan) -> None:
+    """Rules that selected nothing: not errors (PEFT ignores them too), but likely mistakes."""
+    for u in plan.unmatched:
+        where = f"{u.location}: " if u.location else ""
+        print(f"{where}warning: `{u.text}` ({u.rule} rule of adapter '{u.adapter}') matched nothing",
+              file=sys.stderr)
 
 
 def _only_adapter(spec, name: str | None):

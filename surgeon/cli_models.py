@@ -9,7 +9,7 @@ from pathlib import Path
 
 from surgeon.cli_commands import Command, _load_model, _model_flags, _print_json, _usage_error
 from surgeon.cli_output import atomic_dir, check_output
-from surgeon.progress import LARGE_MODEL_PARAMS, stage
+from surgeon.progress import LARGE_MODEL_PARAMS, bar, stage
 
 # Tokenizer and processor files copied next to a merged transformers model.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -30,7 +30,7 @@ def _merge_arguments(cmd: argparse.ArgumentParser) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    import surgeon
+    from surgeon.api import load_adapter
 
     adapter = Path(args.adapter)
     if not (adapter / "adapter_config.json").is_file():
@@ -41,16 +41,29 @@ def run_merge(args: argparse.Namespace) -> int:
     with stage(f"loading {args.model}"):
         loaded = _load_model(args)
     total = sum(p.numel() for p in loaded.model.parameters())
-    large = total >= LARGE_MODEL_PARAMS
     with stage(f"loading adapter {adapter}"):
-        surgeon.load_adapter(loaded.model, adapter)
+        load_adapter(loaded.model, adapter)
     with stage("merging"):
-        merged = surgeon.merge_and_unload(loaded.model)
+        merged = _merge_and_unload(loaded.model, large=total >= LARGE_MODEL_PARAMS)
     with stage(f"saving {total:,} parameters"), atomic_dir(output, force=args.force) as tmp:
         _save_model(merged, tmp, loaded.source_dir if loaded.is_transformers else None)
-    print(f"merged {adapter} into {loaded.name}: {total:,} parameters")
+    print(f"merged {adapter} into {loaded.name} ({total:,} parameters)")
     print(f"wrote {output}")
     return 0
+
+
+def _merge_and_unload(model, *, large: bool):
+    """surgeon.api.merge_and_unload, one layer at a time so that a large model shows a bar."""
+    from surgeon.api import unload
+    from surgeon.apply import adapted_layers, require_state
+
+    active = require_state(model).active
+    layers = list(adapted_layers(model))
+    for _, layer in bar(layers, total=len(layers), label="merging", large=large):
+        names = [a for a in active if a in layer.sites]
+        if names:
+            layer.merge(names)
+    return unload(model)  # merges stay; the adapted layers give way to their base layers
 
 
 def _save_model(model, folder: Path, source_dir: Path | None) -> None:
@@ -84,11 +97,11 @@ def _roles_arguments(cmd: argparse.ArgumentParser) -> None:
 
 
 def run_roles(args: argparse.Namespace) -> int:
-    import surgeon
+    from surgeon.roles import infer_roles
     from surgeon.select import kind_of
 
     loaded = _load_model(args)
-    roles = surgeon.infer_roles(loaded.model, example_inputs=loaded.example_inputs)
+    roles = infer_roles(loaded.model, example_inputs=loaded.example_inputs)
     modules = dict(loaded.model.named_modules())
     rows = [{"path": path, "kind": kind_of(modules[path]) or type(modules[path]).__name__,
              "shape": _shape(modules[path]), "role": str(role), "evidence": role.evidence}

@@ -7,7 +7,8 @@ Two ways to number layers, because a spec can say `layers[0:4]` (structure) or
   `nn.ModuleList`/`nn.Sequential` on its path that holds >= 2 non-leaf children owning
   parameters; the container's path names the stack ("model.layers", "encoder.block", ...).
   No names are consulted, so it works on T5, Q-Formers and hybrid stacks alike
-  (shared/notes/capture-and-roles.md, "Layer indices without names").
+  (shared/notes/capture-and-roles.md, "Layer indices without names"). As with a pattern, the
+  block module itself is not *inside* its layer; its submodules are.
 - Pattern: PEFT 0.21's exact rule (`check_target_module_exists`): the first pattern for which
   `(?:^|.*?\\.)PATTERN\\.(\\d+)\\.` matches the path gives the index (the first numbered segment
   after the pattern, so a block itself, which has no trailing segment, has no index).
@@ -68,17 +69,18 @@ def structural_layers(named: Iterable[tuple[str, nn.Module]]) -> LayerMap:
     `named` is `model.named_modules()` (pre-order, so a parent comes before its children).
     """
     of: dict[str, LayerIndex] = {}
+    blocks: dict[str, LayerIndex] = {}  # block path -> its layer (the block is not inside itself)
     stacks: dict[str, dict[str, int]] = {}  # container path -> {block child name: position}
     sizes: dict[str, int] = {}
     for path, module in named:
         parent, _, name = path.rpartition(".")
-        inherited = of.get(parent) if path else None
+        inherited = (of.get(parent) or blocks.get(parent)) if path else None
         if inherited is not None:
             # outermost wins: a stack nested inside a block keeps the outer block's index
             of[path] = inherited
         elif path and parent in stacks and name in stacks[parent]:
-            of[path] = LayerIndex(parent, stacks[parent][name])
-            sizes[parent] = max(sizes.get(parent, 0), of[path].index + 1)
+            blocks[path] = LayerIndex(parent, stacks[parent][name])
+            sizes[parent] = max(sizes.get(parent, 0), blocks[path].index + 1)
         if isinstance(module, (nn.ModuleList, nn.Sequential)):
             blocks = _blocks(module)
             if len(blocks) >= 2:

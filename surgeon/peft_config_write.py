@@ -15,8 +15,10 @@ from surgeon.lang.spec import (
     Adapter, AllLinear, Alpha, Atom, Exclude, Feedforward, Glob, Layers, LayerSlice, ModuleType, Name,
     Rank, Regex, RoleRef, Save, Selection, Target, Tokens, to_python,
 )
+from surgeon.lang.vocabulary import RULES_OF
 from surgeon.peft_config_fields import (
-    ALPHA_FIELD, PEFT_FIELDS, RANK_FIELD, ConversionError, NeedsModelError, default_of, role_of,
+    ALPHA_FIELD, PEFT_FIELDS, RANK_FIELD, SELECTORS, ConversionError, NeedsModelError, default_of,
+    role_of,
 )
 from surgeon.peft_config_patterns import (
     UnorderedRulesError, atom_regex, pattern_from_rules, suffix_is_segment,
@@ -46,7 +48,6 @@ def peft_config_from_adapter(adapter: Adapter) -> dict:
         ['q']
     """
     out = _header(adapter)
-    fields = PEFT_FIELDS[adapter.method]
     selected = {
         **_targets(adapter),
         "exclude_modules": _excludes(adapter.rules_of(Exclude)),
@@ -55,7 +56,7 @@ def peft_config_from_adapter(adapter: Adapter) -> dict:
         "trainable_token_indices": _tokens(adapter.rules_of(Tokens)),
         **_patterns(adapter),
     }
-    out.update((k, v) for k, v in selected.items() if k in fields and role_of(adapter.method, k) == "selector")
+    out.update((k, v) for k, v in selected.items() if k in SELECTORS[adapter.method])
     return out
 
 
@@ -77,7 +78,7 @@ def peft_config_for_sites(adapter: Adapter, sites: Sequence[Site], *,
     if len(mine) != len(sites) or not mine:
         raise ConversionError(f"the sites must be those of adapter `{adapter.name}`, and not none")
     out = _header(adapter)
-    method, fields = adapter.method, PEFT_FIELDS[adapter.method]
+    method = adapter.method
     paths = list(dict.fromkeys(s.path for s in mine))
     selected: dict = {
         "target_modules": paths_regex(paths),
@@ -92,7 +93,7 @@ def peft_config_for_sites(adapter: Adapter, sites: Sequence[Site], *,
     if method == "ia3":
         forward = [s.path for s in mine if s.option("is_feedforward", False)]
         selected["feedforward_modules"] = paths_regex(forward) if forward else []
-    out.update((k, v) for k, v in selected.items() if k in fields)
+    out.update((k, v) for k, v in selected.items() if k in SELECTORS[method])
     if base_model_name_or_path is not None:
         out["base_model_name_or_path"] = base_model_name_or_path
     return out
@@ -102,12 +103,17 @@ def peft_config_for_sites(adapter: Adapter, sites: Sequence[Site], *,
 
 
 def _header(adapter: Adapter) -> dict:
+    """Every field but the selectors: stated options, else PEFT's defaults."""
     method = adapter.method
     if method not in PEFT_FIELDS:
         raise ConversionError(f"method `{method}` has no PEFT config (supported: {', '.join(PEFT_FIELDS)})")
     for option in adapter.options:
         if role_of(method, option.name) != "option":
             raise ConversionError(f"`{option.name}` is not an option of PEFT's {method.upper()} config")
+    for rule in adapter.rules:
+        if type(rule).__name__.lower() not in RULES_OF[method]:
+            raise ConversionError(f"PEFT's {method.upper()} config has no field for "
+                                  f"`{type(rule).__name__.lower()}` rules")
     return {f: to_python(adapter.option(f)) if role_of(method, f) == "option" else default_of(method, f)
             for f in PEFT_FIELDS[method]}
 

@@ -24,7 +24,8 @@ from torch import fx, nn
 from surgeon.capture import Capture, CaptureError, capture
 from surgeon.role_names import ROLES
 from surgeon.roles_attention import Found, attention_roles, find_cores
-from surgeon.roles_flow import INPUT, OUTPUT, PASS, PROJ, REDUCE, SLICE, SOFTMAX, TOPK, ACT, Flow, adaptable_kind
+from surgeon.roles_flow import (ACT, INPUT, OUTPUT, PASS, PROJ, REDUCE, SLICE, SOFTMAX, TOPK, Flow,
+                                adaptable_kind, op_name)
 from surgeon.roles_mlp import mlp_roles
 
 _SUGGESTION = "Select these layers by name (\"q_proj\", /regex/) or by type (Linear) instead."
@@ -135,8 +136,7 @@ def embed_roles(flow: Flow) -> list[Found]:
 
 
 def _index_source(flow: Flow, index: Any) -> str | None:
-    from surgeon.roles_flow import op_name
-
+    """The model input an embedding index is, through reshapes and casts only."""
     while isinstance(index, fx.Node):
         if flow.kind[index] == INPUT:
             return flow.input_name(index)

@@ -161,8 +161,7 @@ class Flow:
         """The model's name for a placeholder (`input_ids`), or its graph name."""
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         names = self.capture.inputs
-        index = placeholders.index(node)
-        return names[index] if len(names) == len(placeholders) else node.name
+        return names[placeholders.index(node)] if len(names) == len(placeholders) else node.name
 
     # ---- module paths ------------------------------------------------------------------------
     def scope(self, node: fx.Node) -> str:

@@ -359,6 +359,12 @@ def test_expressible_selectors_compile():
     assert load(config)["r"] == 16
 
 
+def test_rules_the_method_lacks_are_refused():
+    adapter = Adapter("default", "loha", (), (Target(Selection((Name("q"),))), Tokens(None, (1,))))
+    with pytest.raises(ConversionError, match="no field for `tokens` rules"):
+        peft_config_from_adapter(adapter)
+
+
 def test_unknown_option_is_refused():
     with pytest.raises(ConversionError, match="`feedforward_modules`"):
         peft_config_from_adapter(lora(options=(Option("feedforward_modules", ("a",)),)))

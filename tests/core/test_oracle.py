@@ -131,9 +131,10 @@ def test_peft_roundtrip_and_merge(case: ModelCase, name: str, config: dict, tmp_
         before = base_weights(ours, paths)
         S.merge(ours)
         pm.merge_adapter()
-        merged = output(case, ours)
-        assert max_diff(merged, expected) <= ATOL
-        assert max_diff(merged, output(case, pm)) <= ATOL
+        merged, peft_merged = output(case, ours), output(case, pm)
+        assert max_diff(merged, peft_merged) <= ATOL
+        # merging rounds differently from the unmerged forward: no worse than PEFT's own merge
+        assert max_diff(merged, expected) <= max(ATOL, 2 * max_diff(peft_merged, expected))
         S.unmerge(ours)
         pm.unmerge_adapter()
         ours_err = max(max_diff(w, before[p]) for p, w in base_weights(ours, paths).items())

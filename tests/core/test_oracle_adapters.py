@@ -1,0 +1,100 @@
+"""Several adapters against PEFT: switching, several active, disabling, mixed batches, deleting.
+
+PEFT holds two adapters on different module sets (q/v at rank 4 and all-linear at rank 2, so
+some layers carry one adapter and some both); surgeon loads PEFT's two checkpoints into one
+plain model, and every step is done on both and compared.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+
+import surgeon.api as S
+from tests.core.test_oracle import ATOL, max_diff, output, quiet, randomize
+from tests.models import HF_CASES, PLAIN_CASES, ModelCase
+
+
+def _pair(case: ModelCase, tmp_path: Path):
+    base = case.build()
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=list(case.qv), r=4, lora_alpha=8))
+    pm.add_adapter("other", LoraConfig(target_modules="all-linear", r=2, lora_alpha=4, use_dora=True))
+    randomize(pm)
+    pm.save_pretrained(tmp_path / "peft")  # default at the top, `other` in other/
+    ours = copy.deepcopy(base)
+    S.load_adapter(ours, tmp_path / "peft")
+    S.load_adapter(ours, tmp_path / "peft" / "other", "other")
+    return base, pm, ours
+
+
+def _same(case, pm, ours, **extra):
+    assert max_diff(output(case, ours, **extra), output(case, pm, **extra)) <= ATOL
+
+
+@pytest.mark.parametrize("case", HF_CASES + PLAIN_CASES, ids=lambda c: c.name)
+def test_adapters_follow_peft(case: ModelCase, tmp_path: Path):
+    ctx = quiet()
+    try:
+        base, pm, ours = _pair(case, tmp_path)
+        plain = output(case, base)
+        assert S.active_adapters(ours) == ("default",)
+        _same(case, pm, ours)
+
+        pm.set_adapter("other")
+        S.set_adapter(ours, "other")
+        _same(case, pm, ours)
+
+        pm.base_model.set_adapter(["default", "other"])
+        S.set_adapter(ours, ["default", "other"])
+        _same(case, pm, ours)
+
+        with pm.disable_adapter(), S.disable_adapters(ours):
+            assert max_diff(output(case, ours), plain) <= ATOL
+            _same(case, pm, ours)
+        _same(case, pm, ours)
+
+        pm.set_adapter("default")
+        S.set_adapter(ours, "default")
+        rows = ["other", "__base__"] if case.name != "mlp" else ["other", "__base__", "default", "other"]
+        _same(case, pm, ours, adapter_names=rows)
+        _same(case, pm, ours)  # the row routing ends with the call
+
+        # saving both adapters writes PEFT's layout: default on top, `other` in a subfolder
+        S.save_pretrained(ours, tmp_path / "ours")
+        for sub in ("", "other"):
+            keys = sorted(load_file(tmp_path / "ours" / sub / "adapter_model.safetensors"))
+            assert keys == sorted(load_file(tmp_path / "peft" / sub / "adapter_model.safetensors"))
+
+        pm.delete_adapter("default")
+        S.delete_adapter(ours, "default")
+        assert S.active_adapters(ours) == tuple(pm.active_adapters) == ("other",)
+        _same(case, pm, ours)
+        assert not any(".default" in k for k in ours.state_dict())
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_mixed_batch_rejects_unknown_names_and_training(tmp_path: Path):
+    case = PLAIN_CASES[0]
+    _, _, ours = _pair(case, tmp_path)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        case.output(ours, adapter_names=["nope"] * 4)
+    ours.train()
+    with pytest.raises(ValueError, match="training mode"):
+        case.output(ours, adapter_names=["default"] * 4)
+    ours.eval()
+    assert case.output(ours).shape == (4, 2)  # nothing left over from the failed calls
+
+
+def test_mixed_batch_on_a_deep_copy(tmp_path: Path):
+    case = PLAIN_CASES[0]
+    _, pm, ours = _pair(case, tmp_path)
+    twin = copy.deepcopy(ours)
+    rows = ["other", "default", "__base__", "other"]
+    with torch.no_grad():
+        assert max_diff(case.output(twin, adapter_names=rows), case.output(pm, adapter_names=rows)) <= ATOL
