@@ -7,15 +7,16 @@ that differ from PEFT's defaults.
 
 from __future__ import annotations
 
+import difflib
 import re
 
-from surgeon.lang.vocabulary import canonical_order
 from surgeon.lang.spec import (
-    Adapter, Alpha, Atom, Exclude, Feedforward, Layers, LayerSlice, Name, Option, Rank, Regex, Rule,
-    Save, Selection, Target, Tokens, AllLinear,
+    Adapter, AllLinear, Alpha, Atom, Exclude, Feedforward, Layers, LayerSlice, Name, Option, Rank,
+    Regex, Rule, Save, Selection, Target, Tokens,
 )
+from surgeon.lang.vocabulary import canonical_order
 from surgeon.peft_config_fields import (
-    METHOD_OF_TYPE, PEFT_FIELDS, ConversionError, default_of, role_of, same_value, spec_value,
+    METHOD_OF_TYPE, PEFT_FIELDS, PEFT_TYPES, ConversionError, default_of, role_of, same_value, spec_value,
 )
 from surgeon.peft_config_patterns import name_regex, rules_from_pattern, suffix_is_segment
 
@@ -32,32 +33,43 @@ def spec_from_peft_config(config: dict, *, name: str = "default") -> Adapter:
         An Adapter whose rules select what PEFT selects and whose options are the fields that
         differ from PEFT's defaults (PEFT field names, canonical order).
     Raises:
-        ConversionError: an unknown method or field, or a value the Spec cannot say.
+        ConversionError: an unknown method or field, or something a spec cannot say (null
+            `target_modules` or IA3 `feedforward_modules`, which PEFT fills from its
+            per-architecture tables; an empty `target_modules`; a non-default field surgeon
+            does not model, such as AdaLoRA's `use_rslora`).
 
     Example:
-        >>> spec_from_peft_config({"peft_type": "LORA", "r": 16, "target_modules": ["q", "v"]})
-        Adapter(name='default', method='lora', options=(Option(name='r', value=16),), ...)
+        >>> a = spec_from_peft_config({"peft_type": "LORA", "r": 16, "target_modules": ["q", "v"]})
+        >>> a.options, a.rules
+        ((Option(name='r', value=16),), (Target(selection=Selection(include=(Name(pattern='q'), ...
     """
     method = _method(config)
     fields = PEFT_FIELDS[method]
-    unknown = [k for k in config if k not in fields and k != "runtime_config"]
+    unknown = [k for k in config if k not in fields and k != "runtime_config"]  # PEFT drops it
     if unknown:
-        raise ConversionError(
-            f"`{unknown[0]}` is not a field of PEFT's {config['peft_type']} config "
-            f"(known: {', '.join(sorted(f for f in fields if f not in ('peft_type',)))})")
-    options = []
-    for field in fields:
-        if field not in config:
-            continue
+        close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        raise ConversionError(f"`{unknown[0]}` is not a field of PEFT's {PEFT_TYPES[method]} config{hint}")
+    return Adapter(name, method, _options(config, method), _rules(config, method))
+
+
+def _options(config: dict, method: str) -> tuple[Option, ...]:
+    """The option fields that differ from PEFT's defaults, in the printer's canonical order."""
+    found = []
+    for field in PEFT_FIELDS[method]:
         role = role_of(method, field)
+        if field not in config or role not in ("option", "unsupported"):
+            continue
         value = spec_value(config[field])
-        if role == "option" and not same_value(value, spec_value(default_of(method, field))):
-            options.append(Option(field, value))
-        elif role == "unsupported" and not same_value(value, spec_value(default_of(method, field))):
+        if same_value(value, spec_value(default_of(method, field))):
+            continue
+        if role == "unsupported":
             raise ConversionError(
                 f"`{field}` = {config[field]!r}: surgeon's `{method}` has no such option "
-                f"(PEFT's {config['peft_type']} config accepts it, but it is not modelled)")
-    return Adapter(name, method, _in_vocabulary_order(method, options), _rules(config, method))
+                f"(PEFT's {PEFT_TYPES[method]} config accepts it, but surgeon does not model it)")
+        found.append(Option(field, value))
+    order = {f: i for i, f in enumerate(canonical_order(method))}
+    return tuple(sorted(found, key=lambda o: order[o.name]))
 
 
 def _method(config: dict) -> str:
@@ -69,11 +81,6 @@ def _method(config: dict) -> str:
         raise ConversionError(
             f"`peft_type` {peft_type!r} is not supported (supported: {', '.join(METHOD_OF_TYPE)})")
     return METHOD_OF_TYPE[peft_type]
-
-
-def _in_vocabulary_order(method: str, options: list[Option]) -> tuple[Option, ...]:
-    order = {f: i for i, f in enumerate(canonical_order(method))}
-    return tuple(sorted(options, key=lambda o: order.get(o.name, len(order))))
 
 
 def _rules(config: dict, method: str) -> tuple[Rule, ...]:

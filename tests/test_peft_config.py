@@ -260,7 +260,6 @@ def test_round_trip_through_text(method):
     check()
 
 
-@pytest.mark.xfail(reason="vocabulary: AdaLoRA's rank_pattern holds bool masks, not ints", strict=True)
 def test_adalora_saved_rank_pattern_through_text():
     original = build(AdaLoraConfig, {"target_modules": ["q"], "total_step": 10,
                                      "rank_pattern": {"model.q.lora_E": [True, False]}})
@@ -301,7 +300,7 @@ def test_str_targets_are_regexes_and_all_linear_is_all_linear():
 
 
 def test_unknown_fields_and_methods_are_named():
-    with pytest.raises(ConversionError, match="`lora_alpah` is not a field"):
+    with pytest.raises(ConversionError, match="`lora_alpah` is not a field .* did you mean `lora_alpha`"):
         spec_from_peft_config({"peft_type": "LORA", "lora_alpah": 8})
     with pytest.raises(ConversionError, match="'VERA' is not supported"):
         spec_from_peft_config({"peft_type": "VERA"})

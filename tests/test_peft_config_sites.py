@@ -193,3 +193,22 @@ def test_feedforward_without_a_model(atom, written):
     found = adapted(config)
     want = set(Resolver(Tiny()).select(Selection((atom,)))) & set(found)
     assert {p for p, m in found.items() if m.is_feedforward} == want
+
+
+def test_a_written_plan_reads_back_as_the_same_sites():
+    """What `load_adapter` does with a checkpoint surgeon wrote: the decompiled spec selects the
+    same paths, and its rank rules are disjoint (no `except` needed)."""
+    from surgeon.peft_config import spec_from_peft_config
+
+    chosen = {"model.layers.1.self_attn.q_proj": 4, "model.layers.10.self_attn.q_proj": 16,
+              "model.q_proj": 8, "head": 8}
+    adapter = Adapter("default", "lora", (Option("r", 8),))
+    config = peft_config_for_sites(adapter, [site(p, "lora", r) for p, r in chosen.items()])
+    back = spec_from_peft_config(config)
+    resolver = Resolver(Tiny())
+    (target,) = back.rules_of(Target)
+    assert set(resolver.select(target.selection)) == set(chosen)
+    ranks = back.rules_of(Rank)
+    assert all(not r.selection.exclude for r in ranks)
+    assert {p: r.value for r in ranks for p in resolver.select(r.selection)} == {
+        p: r for p, r in chosen.items() if r != 8}

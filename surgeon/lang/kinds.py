@@ -138,7 +138,7 @@ class Str:
 class Dict:
     """A `{key: value}` table (PEFT sub-configs such as loftq_config, or rank_pattern)."""
 
-    values: Int | Number | None = None
+    values: Int | Number | List | None = None
 
     def describe(self) -> str:
         return "a table {key: value, ...}"
@@ -155,7 +155,7 @@ class Dict:
 class List:
     """A `[...]` list whose items are `item`; `length` fixes the length when set."""
 
-    item: Int | Str | List
+    item: Int | Str | Bool | List
     length: int | None = None
 
     def describe(self) -> str:

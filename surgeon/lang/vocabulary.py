@@ -144,7 +144,7 @@ _ADALORA = (
     Field("beta1", Number(lo=0.0, hi=1.0), 0.85, doc="EMA factor for sensitivity"),
     Field("beta2", Number(lo=0.0, hi=1.0), 0.85, doc="EMA factor for uncertainty"),
     Field("orth_reg_weight", Number(lo=0.0), 0.5, doc="orthogonal regularisation weight"),
-    Field("rank_pattern", Dict(Int(lo=0)), None, doc="ranks after pruning (training state)"),
+    Field("rank_pattern", Dict(List(Bool())), None, doc="rank masks after pruning (training state)"),
     Field("r", Int(lo=1), 8, doc="ignored by AdaLoRA (use init_r / target_r)"),
     Field("lora_alpha", Number(positive=True), 8, alias="alpha", doc="scaling numerator"),
     Field("lora_dropout", _PROB, 0.0, alias="dropout", doc="dropout on the adapter input"),
