@@ -372,6 +372,8 @@ def freeze_base(model: nn.Module, state: State) -> None:
             for _, layer in adapted_layers(model):
                 if isinstance(getattr(layer.base_layer, "bias", None), nn.Parameter):
                     layer.base_layer.bias.requires_grad_(True)
+    for _, saved in saved_modules(model):
+        saved.original_module.requires_grad_(False)  # PEFT wraps after marking biases
 
 
 # --------------------------------------------------------------------------- mixed batches

@@ -255,15 +255,16 @@ def _apply_arguments(cmd: argparse.ArgumentParser) -> None:
 
 
 def run_apply(args: argparse.Namespace) -> int:
+    spec = _only_adapter(_load_spec(args.spec), args.adapter)
+    output = Path(args.output)
+    check_output(output, directory=True, force=args.force)  # before the slow part (torch too)
+
     import torch
 
     from surgeon.api import apply, save_pretrained
     from surgeon.apply import state_of
     from surgeon.plan import plan as make_plan
 
-    spec = _only_adapter(_load_spec(args.spec), args.adapter)
-    output = Path(args.output)
-    check_output(output, directory=True, force=args.force)  # before the slow part
     loaded = _load_model(args)
     _warn_unmatched(make_plan(spec, loaded.model, example_inputs=loaded.example_inputs))
     torch.manual_seed(args.seed)

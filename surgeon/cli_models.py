@@ -30,14 +30,14 @@ def _merge_arguments(cmd: argparse.ArgumentParser) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from surgeon.api import load_adapter
-
     adapter = Path(args.adapter)
     if not (adapter / "adapter_config.json").is_file():
         what = "no such directory" if not adapter.is_dir() else "no adapter_config.json in it"
         raise _usage_error(f"--adapter '{args.adapter}': {what}")
     output = Path(args.output)
-    check_output(output, directory=True, force=args.force)  # before the slow part
+    check_output(output, directory=True, force=args.force)  # before the slow part (torch too)
+
+    from surgeon.api import load_adapter
     with stage(f"loading {args.model}"):
         loaded = _load_model(args)
     total = sum(p.numel() for p in loaded.model.parameters())

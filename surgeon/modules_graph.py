@@ -165,7 +165,3 @@ def node_summary(gm: fx.GraphModule) -> list[tuple[str, str, dict[str, Any]]]:
 def result_nodes(graph: fx.Graph) -> dict[str, fx.Node]:
     """Each adapter's branch result node, by adapter name."""
     return {tag(n)["adapter"]: n for n in graph.nodes if tag(n).get("role") == "result"}
-
-
-def dtype_of(t: torch.Tensor | None) -> torch.dtype | None:
-    return None if t is None else t.dtype

@@ -7,7 +7,9 @@ can build it, each without asking the spec again. Pure: the model is only read.
 Semantics are PEFT 0.21's (see surgeon.select): a target rule is a union of selectors, exclude
 rules and modules_to_save remove modules (a saved module's whole subtree), and a module that is
 no adaptable layer is an error, as in PEFT. Stricter than PEFT: a target rule that matches
-nothing is an error with "did you mean", not silence.
+nothing is an error with "did you mean", not silence; a saved module that contains an adapted
+one is an error, not a copy of adapter layers; a name equal to a whole path still obeys `in
+layers[...]` (PEFT's `key in target_modules` skips the layer check).
 """
 
 from __future__ import annotations
@@ -15,17 +17,18 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 from torch import nn
 
 from surgeon.lang.spec import (
-    NO_SPAN, Adapter, Alpha, Exclude, Rank, RoleRef, Save, Selection, Spec, Target, Tokens,
+    NO_SPAN, Adapter, Alpha, Exclude, Rank, RoleRef, Save, Selection, Spec, Target, Tokens, to_python,
 )
+from surgeon.methods import METHODS, get_method
 from surgeon.select import (
     PlanError, Resolver, closest, closest_paths, describe, kind_of, transformers_attr, unsupported,
 )
-from surgeon.methods import METHODS, get_method
 from surgeon.site import Site
 
 __all__ = ["AdapterPlan", "Plan", "PlanError", "Unmatched", "plan"]
@@ -33,7 +36,10 @@ __all__ = ["AdapterPlan", "Plan", "PlanError", "Unmatched", "plan"]
 # LoRA's classic placement (Hu et al.; PEFT's per-architecture tables), by role instead of name.
 DEFAULT_TARGETS = {"lora": Selection((RoleRef("attn.q"), RoleRef("attn.v")))}
 # LoRA options that shape each site, by PEFT field name (fan_in_fan_out is added per kind).
-LORA_SITE_OPTIONS = ("bias", "init_lora_weights", "lora_bias", "lora_dropout", "use_dora", "use_rslora")
+LORA_SITE_OPTIONS = ("bias", "inference_mode", "init_lora_weights", "lora_bias", "lora_dropout",
+                     "use_dora", "use_rslora")
+# Options that change *what* is adapted in ways a Site cannot say yet: refused, never ignored.
+UNPLANNED_OPTIONS = ("target_parameters", "layer_replication")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +48,7 @@ class Unmatched:
 
     adapter: str
     rule: str  # "target", "exclude", "rank", "alpha" or "save"
-    text: str  # the selector as written
+    text: str  # the rule as written (for one selector of a target rule: that selector)
     location: str  # "file:line:col", "" for a spec built in Python
 
     def to_json(self) -> dict[str, str]:
@@ -64,8 +70,6 @@ class AdapterPlan:
         return self.adapter.name
 
     def to_json(self) -> dict[str, Any]:
-        from surgeon.lang.spec import to_python
-
         return {
             "name": self.name, "method": self.adapter.method,
             "options": {o.name: to_python(o.value) for o in self.adapter.options},
@@ -167,6 +171,10 @@ class _Planner:
             raise self.error(
                 f"method `{adapter.method}` is parsed and converted but not yet applied; "
                 f"supported: {', '.join(METHODS)}", adapter)
+        for name in UNPLANNED_OPTIONS:
+            if adapter.option(name):
+                raise self.error(f"adapter `{adapter.name}`: `{name}` is converted but not planned "
+                                 "or applied yet", next(o for o in adapter.options if o.name == name))
         task_type = adapter.option("task_type")
         chosen = self.targets(adapter, task_type)
         removed = set().union(*(self.select(adapter, r, "exclude", task_type)
@@ -180,11 +188,7 @@ class _Planner:
                 f"({len(chosen)} modules) are all excluded by `exclude` or `save` rules", adapter)
         sites = self.sites(adapter, kept, task_type)
         save, tokens = self.save(adapter), self.tokens(adapter)
-        if both := [s.path for s in sites if s.path in save]:
-            rule = adapter.rules_of(Save)[0]
-            raise self.error(f"`{both[0]}` is both adapted and saved whole: `save` names match by "
-                             "plain suffix (as PEFT's modules_to_save), targets by whole segments",
-                             rule, hint="give `save` a longer name or exclude the module from targets")
+        self.check_saved(adapter, sites, save)
         if conflict := set(save) & {p for p, _ in tokens}:
             raise self.error(f"`{sorted(conflict)[0]}` is both saved whole and token-trained; "
                              "choose `save` or `tokens`", adapter)
@@ -248,7 +252,11 @@ class _Planner:
         return paths
 
     def note(self, adapter: Adapter, rule, kind: str) -> None:
-        fallback = ", ".join(describe(a) for a in rule.selection.include) if kind != "save" else ""
+        if isinstance(rule, Save):
+            fallback = "save " + ", ".join(rule.names)
+        else:
+            value = f" {rule.value:g} on" if isinstance(rule, (Rank, Alpha)) else ""
+            fallback = f"{kind}{value} " + ", ".join(describe(a) for a in rule.selection.include)
         self.unmatched.append(Unmatched(adapter.name, kind, self.text(rule, fallback), _location(rule)))
 
     def sites(self, adapter: Adapter, kept: dict[str, Target | None], task_type) -> tuple[Site, ...]:
@@ -260,6 +268,7 @@ class _Planner:
         base = {n: adapter.option(n) for n in LORA_SITE_OPTIONS}
         out = []
         default = "default(" + ", ".join(map(describe, DEFAULT_TARGETS[adapter.method].include)) + ")"
+        where = {id(r): _location(r) for r in adapter.rules_of(Target)}
         for path, rule in kept.items():
             module = self.resolver.modules[path]
             kind = kind_of(module)
@@ -268,11 +277,13 @@ class _Planner:
             if kind == "Embedding" and base["lora_bias"]:
                 raise self.error(f"`{path}` is an Embedding: lora_bias is not supported there", adapter)
             r, alpha = ranks.get(path, r0), alphas.get(path, alpha0)
-            options = dict(base, **({"fan_in_fan_out": kind == "Conv1D"} if kind in ("Linear", "Conv1D") else {}))
+            options = dict(base)
+            if kind in ("Linear", "Conv1D"):  # PEFT forces it: True for Conv1D, False for Linear
+                options["fan_in_fan_out"] = kind == "Conv1D"
             site = Site(
                 path=path, kind=kind, method=adapter.method, adapter=adapter.name, r=r,
                 alpha=float(alpha), scaling=_lora_scaling(alpha, r, rslora),
-                options=tuple(sorted(options.items())), rule=_location(rule) if rule else default,
+                options=tuple(sorted(options.items())), rule=where[id(rule)] if rule else default,
             )
             out.append(replace(site, params=method.num_params(module, site)))
         return tuple(out)
@@ -305,6 +316,23 @@ class _Planner:
             found += hits
         return tuple(dict.fromkeys(found))
 
+    def check_saved(self, adapter: Adapter, sites: tuple[Site, ...], save: tuple[str, ...]) -> None:
+        """A saved module must not be, nor contain, an adapted one. PEFT raises for the former
+        and silently copies adapter layers into the saved copy for the latter (reachable when a
+        `save` name is a plain suffix like `lp` of `mlp`, or through a module shared by two paths).
+        """
+        model = self.resolver.model
+        adapted = {id(self.resolver.modules[s.path]): s.path for s in sites}
+        for path in save:
+            inside = next((adapted[id(m)] for m in model.get_submodule(path).modules()
+                           if id(m) in adapted), None)
+            if inside is not None:
+                what = "is" if inside == path else f"contains `{inside}`, which is"
+                raise self.error(
+                    f"saved module `{path}` {what} also adapted: `save` names match by plain suffix "
+                    "(as PEFT's modules_to_save), targets by whole segments",
+                    adapter.rules_of(Save)[0], hint="give `save` a longer name or exclude those targets")
+
     def tokens(self, adapter: Adapter) -> tuple[tuple[str, tuple[int, ...]], ...]:
         out = []
         for rule in adapter.rules_of(Tokens):
@@ -319,7 +347,7 @@ class _Planner:
                 out.append((p, tuple(rule.indices)))
         return tuple(out)
 
-    @property
+    @cached_property
     def all_paths(self) -> list[str]:
         """Every path including repeats of shared modules, as PEFT's `_set_trainable` sees them."""
         return [p for p, _ in self.resolver.model.named_modules(remove_duplicate=False) if p]
@@ -407,7 +435,7 @@ def render_plan(plan: Plan) -> str:
             lines.append(f"tokens ({a.name}): {path} {list(ix)}")
     for u in plan.unmatched:
         where = f"{u.location}: " if u.location else ""
-        lines.append(f"{where}warning: `{u.rule} {u.text}` ({u.adapter}) matched nothing")
+        lines.append(f"{where}warning: `{u.text}` ({u.rule} rule of `{u.adapter}`) matched nothing")
     lines.append(f"{len(plan.sites)} sites; trainable params: {plan.trainable_params:,} "
                  f"of {plan.model_params:,} ({plan.trainable_percent:.4f}%)")
     return "\n".join(lines)

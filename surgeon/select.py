@@ -27,6 +27,7 @@ from torch import nn
 from surgeon.lang.spec import (
     NO_SPAN, AllLinear, Atom, Glob, Layers, ModuleType, Name, Regex, RoleRef, Selection, Span,
 )
+from surgeon.lang.diagnostics import Diagnostic, error, render_one
 from surgeon.layers import LayerMap, pattern_layers, structural_layers
 from surgeon.role_names import role_matches
 from surgeon.site import BASE_KINDS
@@ -35,34 +36,35 @@ from surgeon.site import BASE_KINDS
 class PlanError(ValueError):
     """A spec that cannot be planned on this model, located at the rule that caused it.
 
-    `str()` renders like the language's diagnostics: `file:line:col: error: ...`, the source
-    line with a caret under the span when the spec's text is known, and a hint.
+    `str()` is the language's diagnostic rendering (`file:line:col: error: ...`, the source line
+    with a caret under the span, a hint) when the spec's text is known; `diagnostic` is the same
+    as a `surgeon.lang.diagnostics.Diagnostic`, so tools can treat it like a SpecError's.
     """
 
     def __init__(self, message: str, span: Span | None = None, *, hint: str = "", source: str = ""):
         self.message, self.span, self.hint, self.source = message, span, hint, source
         super().__init__(self.render())
 
+    def __reduce__(self):
+        return (_rebuild, (self.message, self.span, self.hint, self.source))
+
     @property
     def location(self) -> str:
         return self.span.location() if self.span is not None and self.span != NO_SPAN else ""
 
+    @property
+    def diagnostic(self) -> Diagnostic | None:
+        return error(self.span, self.message, hint=self.hint or None) if self.location else None
+
     def render(self) -> str:
+        if self.diagnostic is not None and self.source and self.span.end <= len(self.source):
+            return render_one(self.diagnostic, self.source)
         head = f"{self.location}: error: {self.message}" if self.location else f"error: {self.message}"
-        lines = [head, *_caret(self.span, self.source)]
-        if self.hint:
-            lines.append(f"    hint: {self.hint}")
-        return "\n".join(lines)
+        return head + (f"\n    hint: {self.hint}" if self.hint else "")
 
 
-def _caret(span: Span | None, source: str) -> list[str]:
-    if span is None or span == NO_SPAN or not source or span.end > len(source):
-        return []
-    start = source.rfind("\n", 0, span.start) + 1
-    end = source.find("\n", span.start)
-    line = source[start : len(source) if end < 0 else end]
-    width = max(1, min(span.end, start + len(line)) - span.start)
-    return [f"    {line}", "    " + " " * (span.start - start) + "^" * width]
+def _rebuild(message: str, span: Span | None, hint: str, source: str) -> PlanError:
+    return PlanError(message, span, hint=hint, source=source)
 
 
 def describe(atom: Atom) -> str:
@@ -146,7 +148,13 @@ class Resolver:
     def roles(self) -> dict[str, str]:
         from surgeon.roles import infer_roles  # capture is costly: only for role selectors
 
-        return dict(infer_roles(self.model, example_inputs=self.example_inputs))
+        try:
+            roles = infer_roles(self.model, example_inputs=self.example_inputs)
+        except Exception as error:
+            error.add_note("roles were needed by a role selector (`@...`); name, type, layer and "
+                           "all-linear selectors work from the module tree alone")
+            raise
+        return {p: role for p, role in roles.items() if p in self.modules}
 
     def select(self, selection: Selection, *, task_type: str | None = None) -> tuple[str, ...]:
         """Paths `selection` names, in model order: (∪ include) ∩ within ∩ layers − except."""

@@ -21,7 +21,9 @@ import torch
 from torch import fx, nn
 
 from surgeon.methods import lora_dora
-from surgeon.modules_base import CONV_KINDS, embedding_args, in_out_features, to_out_major
+from surgeon.modules_base import (
+    CONV_KINDS, conv_fn, embedding_args, from_out_major, in_out_features,
+)
 
 if TYPE_CHECKING:
     from surgeon.modules import AdaptedLayer
@@ -166,7 +168,7 @@ class Lora:
         _initialise(layer, site, opts.init)
         _move_to_base(layer, site.adapter)
         if opts.use_dora:
-            lora_dora.add_magnitude(layer, site.adapter)
+            lora_dora.add_magnitude(layer, site.adapter, *factors(layer, site.adapter))
 
     def remove(self, layer: AdaptedLayer, adapter: str) -> None:
         for name, _ in self.containers:
@@ -177,13 +179,12 @@ class Lora:
     def num_params(self, base: nn.Module, site: Site) -> int:
         opts = LoraOptions.of(site)
         n_in, n_out = in_out_features(base, site.kind)
-        count = site.r * n_out + (n_out if opts.use_dora else 0)
+        r = site.r
         if site.kind in CONV_KINDS:
-            count = site.r * n_in * math.prod(base.kernel_size) + n_out * site.r // base.groups
-            count += n_out if opts.use_dora else 0
+            count = r * n_in * math.prod(base.kernel_size) + n_out * (r // base.groups)
         else:
-            count += site.r * n_in
-        return count + (n_out if opts.lora_bias else 0)
+            count = r * n_in + n_out * r
+        return count + n_out * (int(opts.lora_bias) + int(opts.use_dora))
 
     def check_mixed(self, layer: AdaptedLayer, adapter: str) -> None:
         if adapter in layer.lora_magnitude_vector:
@@ -196,16 +197,14 @@ class Lora:
             return _emit_embedding(b, adapter, x, prev, rows)
         x = _cast_input(b, adapter, x)
         dropped = _dropout(b, adapter, x)
-        if adapter in b.layer.lora_magnitude_vector:
-            return lora_dora.emit(b, adapter, dropped, dropped is not x, prev)
         delta = emit_lora(b, adapter, dropped)
+        if adapter in b.layer.lora_magnitude_vector:
+            return lora_dora.emit(b, adapter, delta, dropped if dropped is not x else None, prev)
         if rows is None:
             return b.result(prev, delta, site.scaling)
         return b.index_result(prev, rows, delta, site.scaling)
 
     def delta_weight(self, layer: AdaptedLayer, adapter: str) -> torch.Tensor:
-        from surgeon.modules_base import from_out_major
-
         weight = layer.base_layer.weight
         delta = from_out_major(delta_out_major(layer, adapter), layer.kind, weight.shape)
         return delta.to(factors(layer, adapter)[1].dtype)
@@ -254,8 +253,6 @@ def emit_lora(b: Builder, adapter: str, x: fx.Node) -> fx.Node:
     bias = (b.attr(f"lora_B.{adapter}.bias"),) if lora_b.bias is not None else ()
     kind = b.layer.kind
     if kind in CONV_KINDS:
-        from surgeon.modules_base import conv_fn
-
         fn = conv_fn(kind)
         h = b.call(fn, x, wa, None, lora_a.stride, lora_a.padding, lora_a.dilation, lora_a.groups)
         return b.call(fn, h, wb, *(bias or (None,)), lora_b.stride, lora_b.padding,
@@ -289,18 +286,14 @@ def embed_scale(b: Builder, out: fx.Node) -> fx.Node:
 def _emit_embedding(b: Builder, adapter: str, x: fx.Node, prev: fx.Node,
                     rows: fx.Node | None) -> fx.Node:
     # PEFT's Embedding applies no dropout and no input cast.
+    lora = emit_embedding_lora(b, adapter, x)
     if adapter in b.layer.lora_magnitude_vector:
-        return lora_dora.emit_embedding(b, adapter, x, prev)
-    delta = embed_scale(b, emit_embedding_lora(b, adapter, x))
+        return lora_dora.emit_embedding(b, adapter, lora, prev, lambda out: embed_scale(b, out))
+    delta = embed_scale(b, lora)
     scaling = b.layer.sites[adapter].scaling
     if rows is None:
         return b.result(prev, delta, scaling)
     return b.index_result(prev, rows, delta, scaling)
-
-
-def weight_out_major(layer: AdaptedLayer) -> torch.Tensor:
-    """The base weight, out-major, detached."""
-    return to_out_major(layer.base_layer.weight.detach(), layer.kind)
 
 
 METHOD = Lora()

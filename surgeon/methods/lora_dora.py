@@ -14,6 +14,7 @@ after them.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -68,12 +69,13 @@ def dora_norm(mag: DoraMagnitude, weight: torch.Tensor, lora_a: torch.Tensor,
     return norm
 
 
-def add_magnitude(layer: AdaptedLayer, adapter: str) -> None:
-    """PEFT's DoRA init: `m = ||W + s*B@A||` (shape `(1, out, 1, ...)` for convolutions)."""
-    from surgeon.methods.lora import factors
+def add_magnitude(layer: AdaptedLayer, adapter: str, lora_b: torch.Tensor,
+                  lora_a: torch.Tensor) -> None:
+    """PEFT's DoRA init: `m = ||W + s*B@A||` (shape `(1, out, 1, ...)` for convolutions).
 
+    `lora_b` and `lora_a` are the out-major factors `(out, r)` and `(r, in*k)`.
+    """
     weight = layer.base_layer.weight
-    lora_b, lora_a = factors(layer, adapter)
     norm = weight_norm(weight, lora_a, lora_b, layer.sites[adapter].scaling, layer.kind)
     if layer.kind in CONV_KINDS:
         norm = norm.view((1, -1) + (1,) * (weight.dim() - 2))
@@ -99,38 +101,37 @@ def _without_bias(b: Builder, result: fx.Node) -> fx.Node:
     return b.call(operator.sub, result, bias)
 
 
-def emit(b: Builder, adapter: str, x: fx.Node, dropped: bool, prev: fx.Node) -> fx.Node:
-    """DoRA branch for Linear, Conv1D and convolutions; `x` is after dropout when `dropped`.
+def emit(b: Builder, adapter: str, lora: fx.Node, dropped: fx.Node | None,
+         prev: fx.Node) -> fx.Node:
+    """DoRA branch for Linear, Conv1D and convolutions, given the node `lora = B(A(x))`.
 
-    Without dropout PEFT reuses the running result minus the base bias as the base output;
-    with dropout it recomputes the base output on the dropped input.
+    Without dropout (`dropped` is None) PEFT reuses the running result minus the base bias as
+    the base output; with dropout it recomputes the base output on the dropped input.
     """
-    from surgeon.methods.lora import emit_lora
-
     scale = _scale(b, adapter, b.attr(f"lora_A.{adapter}.weight"),
                    b.attr(f"lora_B.{adapter}.weight"))
     if b.layer.kind in ("Linear", "Conv1D"):
         scale = b.method("view", scale, 1, -1)
-    lora = emit_lora(b, adapter, x)
-    base = emit_base_no_bias(b, b.layer.kind, x) if dropped else _without_bias(b, prev)
+    if dropped is None:
+        base = _without_bias(b, prev)
+    else:
+        base = emit_base_no_bias(b, b.layer.kind, dropped)
     rescaled = b.call(operator.mul, b.call(operator.sub, scale, 1), base)
     adapted = b.call(operator.mul, b.call(operator.mul, scale, lora),
                      b.layer.sites[adapter].scaling)
     return b.result(prev, b.call(operator.add, rescaled, adapted))
 
 
-def emit_embedding(b: Builder, adapter: str, x: fx.Node, prev: fx.Node) -> fx.Node:
-    """DoRA branch for Embedding: `scale * result + scale * s * embed(x, A.T) @ B.T`."""
-    from surgeon.methods.lora import embed_scale, emit_embedding_lora
-
+def emit_embedding(b: Builder, adapter: str, lora: fx.Node, prev: fx.Node,
+                   finish: Callable[[fx.Node], fx.Node]) -> fx.Node:
+    """DoRA branch for Embedding: `scale * result + finish(scale * s * lora)`, where
+    `lora = embed(x, A.T) @ B.T` and `finish` applies the base's embedding scale."""
     scale = _scale(b, adapter, b.attr(f"lora_embedding_A.{adapter}"),
                    b.attr(f"lora_embedding_B.{adapter}"))
-    lora = emit_embedding_lora(b, adapter, x)
     adapted = b.call(operator.mul, b.call(operator.mul, scale, lora),
                      b.layer.sites[adapter].scaling)
-    adapted = embed_scale(b, adapted)
     rescaled = b.call(operator.mul, b.call(operator.sub, scale, 1), prev)
-    return b.result(prev, b.call(operator.add, rescaled, adapted))
+    return b.result(prev, b.call(operator.add, rescaled, finish(adapted)))
 
 
 def fold(layer: AdaptedLayer, adapter: str, weight: torch.Tensor, unmerged: torch.Tensor,

@@ -6,7 +6,6 @@ Also home of the tiny models the core tests share (transformers configs and plai
 from __future__ import annotations
 
 import functools
-import os
 import re
 
 import pytest
@@ -17,8 +16,6 @@ from torch import nn
 
 from surgeon.lang.spec import Layers, LayerSlice
 from surgeon.layers import LayerIndex, pattern_layers, resolve_items, structural_layers
-
-DERANDOMIZE = os.environ.get("HYPOTHESIS_PROFILE") == "ci"
 
 # --------------------------------------------------------------------------- tiny models
 
@@ -137,6 +134,24 @@ def test_structural_index_equals_peft_on_adaptable_layers(name, use_pattern):
     assert checked >= 6
 
 
+def _zoo():
+    from tests.models import HF_CASES
+
+    return [pytest.param(case, id=case.name) for case in HF_CASES]
+
+
+@pytest.mark.parametrize("case", _zoo())
+def test_structural_index_equals_peft_across_the_zoo(case):
+    """On every adaptable layer of the shared tiny zoo, with its layers_pattern and without."""
+    model = case.build()
+    structure = structural_layers(model.named_modules())
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)) or type(module).__name__ == "Conv1D":
+            got = structure.of.get(path)
+            for pattern in (case.layers, None):
+                assert (got.index if got else None) == _peft_index(path, pattern), (path, pattern)
+
+
 @pytest.mark.parametrize("name", TRANSFORMERS)
 def test_layers_selection_equals_peft_check_target_module_exists(name):
     """PEFT itself as oracle: layers_to_transform + layers_pattern over every Linear."""
@@ -198,7 +213,8 @@ def test_root_sequential_is_a_stack():
 
 
 def test_pattern_takes_first_numbered_segment_and_first_pattern():
-    paths = ["model.layers.1.experts.0.w1", "model.layers.1", "layers.3.fc", "enc.h.2.x", "dec.layers.0.h.4.y"]
+    paths = ["model.layers.1.experts.0.w1", "model.layers.1", "layers.3.fc", "enc.h.2.x",
+             "dec.layers.0.h.4.y"]
     by_pattern = pattern_layers(paths, ("layers", "h"))
     assert by_pattern.of["model.layers.1.experts.0.w1"] == LayerIndex("model.layers", 1)
     assert "model.layers.1" not in by_pattern.of  # PEFT needs a segment after the index
@@ -216,7 +232,7 @@ _slice = st.builds(LayerSlice, st.none() | _index, st.none() | _index,
                    st.none() | st.integers(1, 3) | st.integers(-3, -1))
 
 
-@settings(max_examples=300, derandomize=DERANDOMIZE, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(_index | _slice, min_size=1, max_size=4), st.integers(0, 10))
 def test_resolve_items_is_python_indexing(items, size):
     want: set[int] = set()

@@ -23,8 +23,9 @@ from tests.models import HF_CASES, PLAIN_CASES, ModelCase
 def _pair(case: ModelCase, tmp_path: Path):
     base = case.build()
     pm = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=list(case.qv), r=4, lora_alpha=8))
-    pm.add_adapter("other", LoraConfig(target_modules="all-linear", r=2, lora_alpha=4, use_dora=True))
+    pm.add_adapter("other", LoraConfig(target_modules="all-linear", r=2, lora_alpha=4, use_rslora=True))
     randomize(pm)
+    pm.eval()
     pm.save_pretrained(tmp_path / "peft")  # default at the top, `other` in other/
     ours = copy.deepcopy(base)
     S.load_adapter(ours, tmp_path / "peft")
@@ -32,8 +33,18 @@ def _pair(case: ModelCase, tmp_path: Path):
     return base, pm, ours
 
 
-def _same(case, pm, ours, **extra):
-    assert max_diff(output(case, ours, **extra), output(case, pm, **extra)) <= ATOL
+def _same(case, pm, ours, **extra) -> bool:
+    """Same outputs; or, where PEFT refuses (OPT flattens rows before fc1), the same error and
+    False (PEFT's model is left unusable after that error, ours is not)."""
+    try:
+        expected = output(case, pm, **extra)
+    except ValueError as err:
+        assert "Length of `adapter_names`" in str(err)
+        with pytest.raises(ValueError, match="Length of `adapter_names`"):
+            output(case, ours, **extra)
+        return False
+    assert max_diff(output(case, ours, **extra), expected) <= ATOL
+    return True
 
 
 @pytest.mark.parametrize("case", HF_CASES + PLAIN_CASES, ids=lambda c: c.name)
@@ -60,20 +71,28 @@ def test_adapters_follow_peft(case: ModelCase, tmp_path: Path):
 
         pm.set_adapter("default")
         S.set_adapter(ours, "default")
-        rows = ["other", "__base__"] if case.name != "mlp" else ["other", "__base__", "default", "other"]
-        _same(case, pm, ours, adapter_names=rows)
-        _same(case, pm, ours)  # the row routing ends with the call
-
         # saving both adapters writes PEFT's layout: default on top, `other` in a subfolder
         S.save_pretrained(ours, tmp_path / "ours")
         for sub in ("", "other"):
             keys = sorted(load_file(tmp_path / "ours" / sub / "adapter_model.safetensors"))
             assert keys == sorted(load_file(tmp_path / "peft" / sub / "adapter_model.safetensors"))
 
+        pm.eval()  # PEFT's set_adapter leaves the model in training mode; mixed rows need eval
+        assert not ours.training
+        rows = ["other", "default"] if case.name != "mlp" else ["other", "__base__", "default", "other"]
+        if not _same(case, pm, ours, adapter_names=rows):
+            assert max_diff(output(case, ours), plain) > 0  # ours still runs after the refusal
+            return
+        _same(case, pm, ours)  # the row routing ends with the call
+
         pm.delete_adapter("default")
         S.delete_adapter(ours, "default")
-        assert S.active_adapters(ours) == tuple(pm.active_adapters) == ("other",)
-        _same(case, pm, ours)
+        # PEFT takes the new active set from its first LoRA layer, which may hold no adapter at
+        # all (convnet's conv1): its model-level record is then stale while its layers run
+        # `other`. Surgeon applies the per-layer rule model-wide, so the outputs agree.
+        assert S.active_adapters(ours) == ("other",)
+        # (PeftModel.forward itself then fails on the stale record: run its layers directly)
+        assert max_diff(output(case, ours), output(case, pm.base_model.model)) <= ATOL
         assert not any(".default" in k for k in ours.state_dict())
     finally:
         ctx.__exit__(None, None, None)

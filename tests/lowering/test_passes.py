@@ -186,3 +186,13 @@ def test_conv_with_groups_forwards_but_does_not_merge() -> None:
     with pytest.raises(NotImplementedError, match="groups > 1"):
         layer.merge()
     assert not layer.merged
+
+
+@pytest.mark.parametrize(("kind", "variant"), [
+    (k, v) for k in KINDS for v in (Variant(), Variant(r=4, use_dora=True), Variant(lora_bias=True))
+    if not (k == "Embedding" and v.lora_bias)])  # PEFT has no lora_bias on Embedding
+def test_num_params_counts_what_add_creates(kind: str, variant: Variant) -> None:
+    base = make_base(kind)
+    layer = AdaptedLayer(base, variant.site(kind))
+    created = sum(p.numel() for p in layer.adapter_parameters("default"))
+    assert layer.method.num_params(base, variant.site(kind)) == created
