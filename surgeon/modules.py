@@ -196,14 +196,15 @@ class AdaptedLayer(nn.Module):
             raise ValueError(f"Adapter `{name}` is merged into `{self.path}`; unmerge first.")
         self.method.remove(self, name)
         del self.sites[name]
-        if name in self.active:
-            remaining = [a for a in self.active if a != name]
-            if not remaining and self.sites:
-                remaining = [sorted(self.sites)[0]]
-                warnings.warn(f"Adapter {name} was active which is now deleted. Setting active "
-                              f"adapter to {remaining[0]}.", stacklevel=2)
-            self.set_adapter(remaining)
-        self._invalidate()
+        if name not in self.active:
+            self._invalidate()
+            return
+        remaining = [a for a in self.active if a != name]
+        if not remaining and self.sites:
+            remaining = [sorted(self.sites)[0]]
+            warnings.warn(f"Adapter {name} was active which is now deleted. Setting active "
+                          f"adapter to {remaining[0]}.", stacklevel=2)
+        self.set_adapter(remaining)
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
         return self.method.delta_weight(self, adapter)
@@ -241,8 +242,8 @@ class AdaptedLayer(nn.Module):
         return self._forward_mixed(x, adapter_names)
 
     def _forward_mixed(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
-        if self._disabled:
-            return self._run(self, x)
+        """PEFT's mixed-adapter batch: row i uses adapter `names[i]` (any adapter of the layer,
+        active or not; "__base__" and names absent from this layer mean the base alone)."""
         if len(x) != len(names):
             raise ValueError("Length of `adapter_names` should be the same as the number of "
                              f"inputs, but got {len(names)} and {len(x)} respectively.")
@@ -253,6 +254,8 @@ class AdaptedLayer(nn.Module):
         present = tuple(a for a in self.sites if a in wanted)
         for adapter in present:
             self.method.check_mixed(self, adapter)
+        if self._disabled:
+            return self._run(self, x)
         key = (self.training, present)
         run = self._mixed.get(key)
         if run is None:

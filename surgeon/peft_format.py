@@ -177,8 +177,13 @@ def match_checkpoint(tensors: dict[str, torch.Tensor], model_state: dict[str, to
     must name an existing model tensor. Every shape must agree.
     """
     expected = load_key_map(model_state, layout, adapter)
+    # PEFT's bias="all" also writes each saved copy's bias without the adapter name
+    # (`score.modules_to_save.bias`); it loads nowhere in PEFT either, and `score.bias` has it.
+    redundant = tuple(f"{PREFIX}{path}.{COPIES}." for path, _ in layout.saved)
     problems, out = [], {}
     for ckpt_key, tensor in tensors.items():
+        if ckpt_key not in expected and redundant and ckpt_key.startswith(redundant):
+            continue
         model_key = expected.get(ckpt_key) or ckpt_key.removeprefix(PREFIX)
         if model_key not in model_state:
             problems.append(f"unexpected key `{ckpt_key}`: the model has no `{model_key}`")

@@ -8,16 +8,19 @@ objects at every path, the same state_dict, the same requires_grad flags, no hoo
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 import surgeon.api as S
-import surgeon.apply as A
 from surgeon.modules import AdaptedLayer
 from tests.core.test_oracle import quiet
 from tests.models import CASES
+
+# `surgeon.apply` is also the public function's name: take the module from sys.modules
+A = importlib.import_module("surgeon.apply")
 
 QV = "adapter default = lora(r=4, alpha=8) { target q_proj, v_proj }"
 OTHER = "adapter other = lora(r=2) { target all-linear }"

@@ -36,6 +36,7 @@ LAYOUT_CASES = [
     ("llama", dict(target_modules=["q_proj", "embed_tokens"], use_dora=True, bias="all")),
     ("llama", dict(target_modules=r".*\.(q_proj|embed_tokens)")),
     ("bert", dict(target_modules=["query", "value"], modules_to_save=["classifier"], bias="lora_only")),
+    ("bert", dict(target_modules=["query", "value"], modules_to_save=["classifier"], bias="all")),
     ("gpt2", dict(target_modules=["c_attn", "c_fc"], bias="all")),
     ("convnet", dict(target_modules=["conv1", "head"], use_dora=True)),
     ("nested", dict(target_modules=["embed", "enc.proj"], modules_to_save=["dec.out"])),

@@ -1,0 +1,46 @@
+"""The MiniLM fine-tuning example (--quick) and the benchmark harness (--smoke) run end to end.
+
+The example asserts its own oracle checks (PEFT reloads surgeon's checkpoint with the same
+logits; the training loss goes down); the benchmark's numbers are never asserted, only that it
+measures every case against peft and reports surgeon and peft computing the same function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.cli.runner import REPO
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_finetune_minilm_quick():
+    proc = run("examples/finetune_minilm.py", "--quick")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "test accuracy before:" in out and "test accuracy after:" in out, out
+    assert "peft.PeftModel.from_pretrained agrees" in out, out
+    assert "12 sites" in out and "save (default): classifier" in out, out
+
+
+def test_bench_smoke_reports_every_case():
+    proc = run("bench/lora_overhead.py", "--smoke")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = proc.stdout.strip().splitlines()[-1]
+    report = json.loads(line)
+    assert set(report["results"]) == {"lora_qv", "lora_all_linear", "dora_all_linear", "dora_qv_h1024"}
+    for case, metrics in report["results"].items():
+        assert metrics["agree_max_abs"]["value"] < 1e-4, (case, metrics["agree_max_abs"])
+        assert {"surgeon", "peft"} <= set(metrics["decode_overhead"]), case
+    full = report["results"]["lora_qv"]
+    for metric in ("apply_ms", "prefill_overhead", "merge_ms", "unmerge_ms", "roundtrip_max_abs",
+                   "merged_decode_overhead", "train_step_ms"):
+        assert {"surgeon", "peft"} <= set(full[metric]), metric
+    assert "surgeon/peft" in proc.stdout
