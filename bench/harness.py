@@ -38,7 +38,8 @@ def clock(fn: Callable[[], object], device: torch.device, inner: int = 1) -> flo
     return (time.perf_counter() - start) / inner
 
 
-def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, timing: Timing) -> dict[str, float]:
+def interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
+                timing: Timing) -> dict[str, float]:
     """Median seconds per call of each function, measured in alternation."""
     for fn in fns.values():
         for _ in range(timing.warmup):

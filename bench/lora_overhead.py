@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import sys
 import warnings
 from dataclasses import dataclass
@@ -144,7 +145,8 @@ def forward_ms(models: dict, shape: tuple[int, int], device, timing: Timing) -> 
         return lambda: model(ids)
 
     with torch.no_grad():
-        return {k: v * 1e3 for k, v in interleaved({k: call(m) for k, m in models.items()}, device, timing).items()}
+        seconds = interleaved({k: call(m) for k, m in models.items()}, device, timing)
+    return {k: v * 1e3 for k, v in seconds.items()}
 
 
 def train_step(model, shape: tuple[int, int], device):
@@ -170,11 +172,11 @@ def run_case(case: Case, base, shape: Shape, device, timing: Timing) -> dict:
         out["apply_ms"] = {k: v * 1e3 for k, v in once_each(fns, timing.repeats).items()}
     base_ms = forward_ms({"base": base}, (1, 1), device, timing)["base"]
     decode = forward_ms(models, (1, 1), device, timing)
-    out["decode_overhead"] = {k: v / base_ms - 1 for k, v in decode.items()} | {"base_ms": base_ms}
+    out["decode_overhead"] = _overhead(decode, base_ms) | {"base_ms": base_ms}
     if "prefill" in case.metrics:
         base_pre = forward_ms({"base": base}, shape.prefill, device, timing)["base"]
         prefill = forward_ms(models, shape.prefill, device, timing)
-        out["prefill_overhead"] = {k: v / base_pre - 1 for k, v in prefill.items()} | {"base_ms": base_pre}
+        out["prefill_overhead"] = _overhead(prefill, base_pre) | {"base_ms": base_pre}
     if "merge" in case.metrics:
         out.update(measure_merge(models, base_ms, base_pre, shape, device, timing))
     if "train" in case.metrics:
@@ -187,31 +189,38 @@ def run_case(case: Case, base, shape: Shape, device, timing: Timing) -> dict:
     return out
 
 
-def measure_merge(models: dict, base_ms: float, base_pre: float, shape: Shape, device, timing: Timing) -> dict:
-    out: dict[str, dict] = {"merge_ms": {}, "unmerge_ms": {}, "roundtrip_max_abs": {}}
+def measure_merge(models: dict, base_ms: float, base_pre: float, shape: Shape, device,
+                  timing: Timing) -> dict:
+    """Merge once (then time the merged forwards), unmerge, check the weights came back; then
+    more merge/unmerge pairs, alternating sides, for the median times."""
     before = {side: base_weights(m) for side, m in models.items()}
     fns = {side: merge_fns(side, m) for side, m in models.items()}
-    for side, (merge, unmerge) in fns.items():  # one merge, to time the merged forward
-        out["merge_ms"][side] = clock(merge, device) * 1e3
-    decode = forward_ms(models, (1, 1), device, timing)
-    prefill = forward_ms(models, shape.prefill, device, timing)
-    out["merged_decode_overhead"] = {k: v / base_ms - 1 for k, v in decode.items()}
-    out["merged_prefill_overhead"] = {k: v / base_pre - 1 for k, v in prefill.items()}
-    for side, (merge, unmerge) in fns.items():
-        out["unmerge_ms"][side] = clock(unmerge, device) * 1e3
+    merge_s: dict[str, list[float]] = {side: [] for side in fns}
+    unmerge_s: dict[str, list[float]] = {side: [] for side in fns}
+    for side, (merge, _) in fns.items():
+        merge_s[side].append(clock(merge, device))
+    out: dict[str, dict] = {
+        "merged_decode_overhead": _overhead(forward_ms(models, (1, 1), device, timing), base_ms),
+        "merged_prefill_overhead": _overhead(forward_ms(models, shape.prefill, device, timing), base_pre),
+        "roundtrip_max_abs": {},
+    }
+    for side, (_, unmerge) in fns.items():
+        unmerge_s[side].append(clock(unmerge, device))
         after = base_weights(models[side])
-        out["roundtrip_max_abs"][side] = max((after[n] - w).abs().max().item() for n, w in before[side].items())
-    # more merge/unmerge pairs for stable timings, alternating sides
-    pairs = {side: (lambda f=f: (clock(f[0], device), clock(f[1], device))) for side, f in fns.items()}
-    samples = {side: [] for side in SIDES}
-    for _ in range(max(timing.repeats // 2, 1)):
-        for side, fn in pairs.items():
-            samples[side].append(fn())
-    for side, s in samples.items():
-        merges, unmerges = sorted(m for m, _ in s), sorted(u for _, u in s)
-        out["merge_ms"][side] = merges[len(merges) // 2] * 1e3
-        out["unmerge_ms"][side] = unmerges[len(unmerges) // 2] * 1e3
+        errors = ((after[n] - w).abs().max().item() for n, w in before[side].items())
+        out["roundtrip_max_abs"][side] = max(errors)
+    for _ in range(timing.repeats // 2):
+        for side, (merge, unmerge) in fns.items():
+            merge_s[side].append(clock(merge, device))
+            unmerge_s[side].append(clock(unmerge, device))
+    out["merge_ms"] = {side: statistics.median(v) * 1e3 for side, v in merge_s.items()}
+    out["unmerge_ms"] = {side: statistics.median(v) * 1e3 for side, v in unmerge_s.items()}
     return out
+
+
+def _overhead(times_ms: dict[str, float], base_ms: float) -> dict[str, float]:
+    """Extra time over the base model's forward, as a fraction (0.1 = 10% slower)."""
+    return {side: t / base_ms - 1 for side, t in times_ms.items()}
 
 
 # --------------------------------------------------------------------------- reporting
@@ -239,7 +248,8 @@ def print_table(results: dict) -> None:
     rows = [("case", "metric", "surgeon", "peft", "surgeon/peft")] + rows_of(results)
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for i, row in enumerate(rows):
-        print("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        cells = zip(row, widths, strict=True)
+        print("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(cells)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
 

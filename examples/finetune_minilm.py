@@ -117,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     train_data, test_data = shuffled(read_split("train"), 0), read_split("test")
-    if args.quick:
+    if args.quick:  # 32 training and 24 test sentences
         train_data = (train_data[0][:32], train_data[1][:32])
+        test_data = (test_data[0][:24], test_data[1][:24])
     model = load_classifier(seed=0)
     before = accuracy(model, tokenizer, test_data)
     print(f"test accuracy before: {before:.1%} ({len(test_data[0])} sentences)")

@@ -9,7 +9,7 @@ working. Semantics follow PEFT 0.21's PeftModel/LoraModel methods of the same na
     ...train...
     surgeon.save_pretrained(model, "out/")              # loads with peft.PeftModel.from_pretrained
     surgeon.load_adapter(model, "other_ckpt/", "other")  # a second adapter
-    model(**batch, adapter_names=["default", "other"])  # one adapter per row
+    model(**batch, adapter_names=["default", "other"])  # one adapter per row (not via generate())
     with surgeon.disable_adapters(model): ...
     plain = surgeon.merge_and_unload(model)
 """
@@ -25,8 +25,8 @@ from torch import nn
 
 from surgeon import peft_format as pf
 from surgeon.apply import (
-    SavedModule, State, Transaction, activate, adapted_layers, commit, prepare, remove_hooks,
-    require_state, saved_modules, set_state, state_of, unwrap,
+    State, Transaction, activate, adapted_layers, commit, prepare, remove_hooks, rename_adapter,
+    require_state, saved_modules, set_state, unwrap,
 )
 from surgeon.lang.spec import Spec
 
@@ -64,9 +64,7 @@ def apply(spec: Spec | str | os.PathLike, model: nn.Module, *, example_inputs=No
     Example:
         >>> surgeon.apply("adapter default = lora(r=8) { target @attn.q, @attn.v }", model)
     """
-    from surgeon.apply import _rename
-
-    spec = _rename(_as_spec(spec), adapter_name)
+    spec = rename_adapter(_as_spec(spec), adapter_name)
     host = unwrap(model)
     prepared = prepare(spec, host, example_inputs=example_inputs)
     tx = Transaction(host)
@@ -165,7 +163,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 def _copy_in(host: nn.Module, matched: dict[str, torch.Tensor], owned: set[str]) -> None:
     """Copy checkpoint tensors in; base tensors (trained biases) are restored on failure."""
     targets = host.state_dict(keep_vars=True)
-    backup = {k: targets[k].detach().clone() for k in matched if k not in owned}
+    backup = {k: targets[k].detach().clone() for k in matched if k not in owned}  # base tensors
     try:
         for key, tensor in matched.items():
             targets[key].copy_(tensor)
@@ -183,10 +181,11 @@ def _copy_in(host: nn.Module, matched: dict[str, torch.Tensor], owned: set[str])
 def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, *, safe_merge: bool = False) -> None:
     """Fold the active (or named) adapters into the base weights (PEFT's merge_adapter)."""
     state = require_state(model)
-    for name in adapter_names or ():
+    wanted = state.active if adapter_names is None else tuple(adapter_names)
+    for name in wanted:
         state.get(name)
     for _, layer in adapted_layers(model):
-        names = [a for a in (adapter_names if adapter_names is not None else state.active) if a in layer.sites]
+        names = [a for a in wanted if a in layer.sites]
         if names:
             layer.merge(names, safe_merge=safe_merge)
 
@@ -201,14 +200,14 @@ def unmerge(model: nn.Module) -> None:
 
 def _unwrap_all(model: nn.Module, *, merge_first: bool, adapter_names, safe_merge: bool) -> nn.Module:
     host = unwrap(model)
-    state = require_state(host)
+    require_state(host)
     if merge_first:
         merge(host, adapter_names, safe_merge=safe_merge)
     for path, layer in list(adapted_layers(host)):
         _replace(host, path, layer.base_layer)
     for path, saved in list(saved_modules(host)):
         # PEFT's ModulesToSaveWrapper unloads to the active adapter's copy
-        _replace(host, path, saved.current() if not state.disabled else saved.original_module)
+        _replace(host, path, saved.current())
     remove_hooks(host)
     set_state(host, None)
     return model

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -117,8 +118,9 @@ class State:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module itself when `model` is a torch.compile wrapper."""
-    return model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
+    """The module itself when `model` is a torch.compile wrapper (dynamo is then imported)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return model._orig_mod if eval_frame and isinstance(model, eval_frame.OptimizedModule) else model
 
 
 def state_of(model: nn.Module) -> State | None:
@@ -221,7 +223,8 @@ class Prepared:
     added_copies: list[tuple[SavedModule, str, nn.Module]]  # (existing wrapper, adapter, copy)
 
 
-def _rename(spec: Spec, adapter_name: str | None) -> Spec:
+def rename_adapter(spec: Spec, adapter_name: str | None) -> Spec:
+    """`spec` with its single adapter renamed (None: unchanged)."""
     if adapter_name is None:
         return spec
     if len(spec.adapters) != 1:

@@ -20,8 +20,6 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from surgeon.cli_output import OutputError
-
 EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 
 # Exceptions that mean "the user can fix this", by the module that defines them. A module that
@@ -34,12 +32,8 @@ _USER_ERRORS = (
     ("surgeon.models", "ModelError"),
     ("surgeon.capture", "CaptureError"),
     ("surgeon.cli_output", "OutputError"),
-    ("surgeon.cli", "UsageError"),
+    ("surgeon.cli_commands", "UsageError"),
 )
-
-
-class UsageError(Exception):
-    """A bad argument or input file that argparse cannot see; the message says what to do."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,26 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_arguments(cmd)
         cmd.set_defaults(command=name, run=command.run)
     return parser
-
-
-def add_model_arguments(cmd: argparse.ArgumentParser, *, required: bool = True) -> None:
-    """`--model MODEL` and the repeatable `--input SHAPE[:DTYPE]` it may need."""
-    what = ("a local transformers directory, a Hub id, `minilm`, `tiny:MODEL_TYPE` (a tiny random "
-            "model of any transformers architecture) or `py:MODULE:FACTORY` (any nn.Module factory)")
-    cmd.add_argument("--model", required=required, metavar="MODEL",
-                     help=what if required else f"(optional) resolve the spec against this model: {what}")
-    cmd.add_argument("--input", action="append", default=[], type=_input_shape, metavar="SHAPE[:DTYPE]",
-                     help="an example input for capture, e.g. 2x16:float32 or 1x8:int64 "
-                          "(repeat for several positional inputs)")
-
-
-def _input_shape(text: str):
-    from surgeon.models import InputShape  # torch-free at import
-
-    try:
-        return InputShape.parse(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 if __name__ == "__main__":

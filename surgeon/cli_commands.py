@@ -27,9 +27,11 @@ class Command:
     run: Callable[[argparse.Namespace], int]
 
 
-def _usage_error(message: str) -> Exception:
-    from surgeon.cli import UsageError
+class UsageError(Exception):
+    """A bad argument or input file that argparse cannot see; the message says what to do."""
 
+
+def _usage_error(message: str) -> UsageError:
     return UsageError(message)
 
 
@@ -48,10 +50,24 @@ def _load_spec(path: str):
     return load_spec(_existing_file(path, "spec"))
 
 
-def _model_flags(cmd: argparse.ArgumentParser) -> None:
-    from surgeon.cli import add_model_arguments
+def add_model_arguments(cmd: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """`--model MODEL` and the repeatable `--input SHAPE[:DTYPE]` it may need."""
+    what = ("a local transformers directory, a Hub id, `minilm`, `tiny:MODEL_TYPE` (a tiny random "
+            "model of any transformers architecture) or `py:MODULE:FACTORY` (any nn.Module factory)")
+    cmd.add_argument("--model", required=required, metavar="MODEL",
+                     help=what if required else f"(optional) resolve the spec against this model: {what}")
+    cmd.add_argument("--input", action="append", default=[], type=_input_shape, metavar="SHAPE[:DTYPE]",
+                     help="an example input for capture, e.g. 2x16:float32 or 1x8:int64 "
+                          "(repeat for several positional inputs)")
 
-    add_model_arguments(cmd)
+
+def _input_shape(text: str):
+    from surgeon.models import InputShape  # torch-free at import
+
+    try:
+        return InputShape.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _load_model(args: argparse.Namespace):
@@ -74,7 +90,6 @@ def _check_arguments(cmd: argparse.ArgumentParser) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     """Every file is checked; all diagnostics are shown before the exit code says any failed."""
-    from surgeon.cli import UsageError
     from surgeon.lang import SpecError
 
     failed = 0
@@ -129,8 +144,6 @@ def _convert_arguments(cmd: argparse.ArgumentParser) -> None:
                      help="the .peft file to write (stdout if omitted), or the folder for "
                           "adapter_config.json files (required when compiling)")
     cmd.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    from surgeon.cli import add_model_arguments
-
     add_model_arguments(cmd, required=False)
 
 
@@ -228,7 +241,7 @@ def _configs_for_model(spec, args: argparse.Namespace) -> dict[str, dict]:
 
 def _plan_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("spec", metavar="SPEC", help="the .peft file")
-    _model_flags(cmd)
+    add_model_arguments(cmd)
     cmd.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -247,7 +260,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def _apply_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("spec", metavar="SPEC", help="the .peft file")
-    _model_flags(cmd)
+    add_model_arguments(cmd)
     cmd.add_argument("-o", "--output", required=True, metavar="DIR", help="where to write the checkpoint")
     cmd.add_argument("--adapter", metavar="NAME", help="apply only this adapter of the spec")
     cmd.add_argument("--seed", type=int, default=0, help="seed for the adapter initialisation (default 0)")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
-from surgeon.cli_commands import Command, _load_model, _model_flags, _print_json, _usage_error
+from surgeon.cli_commands import Command, _load_model, _print_json, _usage_error, add_model_arguments
 from surgeon.cli_output import atomic_dir, check_output
 from surgeon.progress import LARGE_MODEL_PARAMS, bar, stage
 
@@ -22,7 +21,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 
 def _merge_arguments(cmd: argparse.ArgumentParser) -> None:
-    _model_flags(cmd)
+    add_model_arguments(cmd)
     cmd.add_argument("--adapter", required=True, metavar="DIR",
                      help="a PEFT checkpoint folder (written by peft or by surgeon)")
     cmd.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for the merged model")
@@ -92,7 +91,7 @@ MERGE = Command(
 
 
 def _roles_arguments(cmd: argparse.ArgumentParser) -> None:
-    _model_flags(cmd)
+    add_model_arguments(cmd)
     cmd.add_argument("--json", action="store_true", help="print the roles as JSON")
 
 
@@ -124,7 +123,7 @@ def _print_roles(rows: list[dict], name: str) -> None:
         for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["role"]] = counts.get(r["role"], 0) + 1

@@ -45,7 +45,7 @@ class InputShape:
     dtype: str = "float32"
 
     @classmethod
-    def parse(cls, text: str) -> "InputShape":
+    def parse(cls, text: str) -> InputShape:
         """`2x16`, `2x16:float32`, `1x8:int64`; raises ValueError with a one-line reason."""
         dims, _, dtype = text.partition(":")
         dtype = dtype or "float32"
@@ -110,8 +110,8 @@ def load_model(spec: str, *, inputs: tuple[InputShape, ...] = ()) -> LoadedModel
         loaded = _load_tiny(spec)
     elif spec.startswith("py:"):
         loaded = _load_factory(spec)
-    elif os.path.exists(spec):
-        loaded = _load_dir(Path(spec), name=spec)
+    elif os.path.exists(os.path.expanduser(spec)):
+        loaded = _load_dir(Path(spec).expanduser(), name=spec)
     elif _looks_like_path(spec):
         raise ModelError(f"model '{spec}': no such directory")
     elif _HUB_ID.match(spec):

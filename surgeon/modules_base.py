@@ -96,13 +96,13 @@ def emit_base(b: Builder, kind: str) -> torch.fx.Node:
     if not can_inline(base, kind):
         return b.module("base_layer", b.x)
     weight = b.attr("base_layer.weight")
-    bias = b.attr("base_layer.bias") if getattr(base, "bias", None) is not None else None
+    if kind == "Embedding":
+        return b.call(torch.embedding, weight, b.x, *embedding_args(base))
+    bias = b.attr("base_layer.bias") if base.bias is not None else None
     if kind == "Linear":
         return b.call(torch._C._nn.linear, b.x, weight, bias)
     if kind == "Conv1D":
         return b.call(torch._C._nn.linear, b.x, b.call(torch.t, weight), bias)
-    if kind == "Embedding":
-        return b.call(torch.embedding, weight, b.x, *embedding_args(base))
     return b.call(conv_fn(kind), b.x, weight, bias, base.stride, base.padding, base.dilation,
                   base.groups)
 

@@ -1,10 +1,12 @@
 """The forward graph of an adapted layer: node builder, provenance tags, and the fast compile.
 
 Every node a pass inserts carries `node.meta["surgeon"] = {"rule", "pass", "adapter", "role"}`:
-`rule` is the `file:line:col` of the spec rule behind the adapter (`Site.rule`), `pass` the pass
-that inserted the node, `adapter` the adapter it belongs to (None for the base call), and `role`
-one of "base", "branch", "result" (the last node of an adapter branch, always
-`add`-like with the previous result as `args[0]`) or "epilogue" (a final dtype cast).
+`rule` is the `file:line:col` of the spec rule behind the adapter (`Site.rule`, "" for the
+base call), `pass` the pass that inserted the node, `adapter` the adapter it belongs to (None
+for the base call), and `role` one of: "input" (the `x` placeholder), "base" / "base_out" (the
+base call, its last node), "branch", "rows" (a mixed-batch placeholder), "result" (the last
+node of a branch, always `add`-like with the previous result as `args[0]`) or "epilogue" (a
+final cast back to the base output dtype).
 
 `compile_forward` turns the graph into the function the layer runs. It is the fx code with one
 rewrite: `self.lora_A.default.weight` becomes `self._modules['lora_A']._modules['default']

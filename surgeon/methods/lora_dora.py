@@ -1,14 +1,14 @@
 """DoRA (weight-decomposed LoRA) for the `lora` method: magnitude, weight norm, forward, merge.
 
 Math as PEFT 0.21 (`peft/tuners/lora/dora.py`, `variants.py`): the output is
-`base + (m/||W + s*BA|| - 1) * base_no_bias + m/||W + s*BA|| * s * lora(x)`, the norm taken per
-output row and detached from autograd. PEFT recomputes the norm, a full pass over the base
-weight, on every forward (~15x a base layer at decode). Here the norm is cached on the
-magnitude module and recomputed only when it could have changed: whenever autograd may need a
-fresh value (grad enabled and a factor requires grad, i.e. training), under torch.compile, or
-when the version counter or storage of `W`, `A` or `B` moved (an optimizer step, `.to()`, a
-merge, a load). Writes through `.data` skip version counters: call `AdaptedLayer.relower()`
-after them.
+`base + (scale - 1) * base_no_bias + scale * s * lora(x)` with `scale = m / ||W + s*BA||`, the
+norm taken per output row and detached from autograd. PEFT recomputes the norm, a full pass
+over the base weight, on every forward (~15x a base layer at decode). Here the two per-row
+factors `scale - 1` and `scale * s` are cached on the magnitude module and recomputed only when
+they could have changed: whenever autograd may need fresh ones (grad enabled and `m`, `A`, `B`
+or `W` requires grad, i.e. training), under torch.compile, or when the version counter or
+storage of `W`, `A`, `B` or `m` moved (an optimizer step, `.to()`, a merge, a load). Writes
+through `.data` skip version counters: call `AdaptedLayer.relower()` after them.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class DoraMagnitude(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)
-        self.norm_cache: tuple[tuple, torch.Tensor] | None = None  # (key, norm) for inference
+        # (key, (scale - 1, scale * s)) for inference forwards, see `dora_factors`
+        self.norm_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.merge_norm: torch.Tensor | None = None  # the norm used by the last merge
 
     def train(self, mode: bool = True) -> DoraMagnitude:
@@ -51,22 +52,35 @@ def weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
         return torch.linalg.vector_norm(w.to(dtype) + scaling * low_rank, dim=1)
 
 
-def dora_norm(mag: DoraMagnitude, weight: torch.Tensor, lora_a: torch.Tensor,
-              lora_b: torch.Tensor, scaling: float, kind: str) -> torch.Tensor:
-    """The detached weight norm in the magnitude's shape and the base dtype; cached (see above)."""
-    shape = mag.weight.shape
-    fresh = (torch.is_grad_enabled() and (lora_a.requires_grad or lora_b.requires_grad
-                                          or weight.requires_grad))
+def _factors(mag: DoraMagnitude, weight: torch.Tensor, lora_a: torch.Tensor,
+             lora_b: torch.Tensor, scaling: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    norm = weight_norm(weight, lora_a, lora_b, scaling, kind).to(weight.dtype)
+    scale = mag.weight / norm.view(mag.weight.shape)  # PEFT's mag_norm_scale
+    if kind in ("Linear", "Conv1D"):
+        scale = scale.view(1, -1)
+    return scale - 1, scale * scaling
+
+
+def dora_factors(mag: DoraMagnitude, weight: torch.Tensor, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, scaling: float,
+                 kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(m/||W + s*BA|| - 1, s * m/||W + s*BA||)` shaped to broadcast over the output.
+
+    The norm is detached (PEFT, after the DoRA paper); gradients reach `m` through the
+    factors. Computed afresh when autograd may need them, else cached (see module docstring).
+    """
+    m = mag.weight
+    fresh = torch.is_grad_enabled() and (m.requires_grad or lora_a.requires_grad
+                                         or lora_b.requires_grad or weight.requires_grad)
     if fresh or torch.compiler.is_compiling():
-        return weight_norm(weight, lora_a, lora_b, scaling, kind).to(weight.dtype).view(shape)
+        return _factors(mag, weight, lora_a, lora_b, scaling, kind)
     key = (weight._version, weight.data_ptr(), lora_a._version, lora_a.data_ptr(),
-           lora_b._version, lora_b.data_ptr(), scaling, torch.is_inference_mode_enabled())
+           lora_b._version, lora_b.data_ptr(), m._version, m.data_ptr(), scaling,
+           torch.is_inference_mode_enabled())
     cached = mag.norm_cache
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    norm = weight_norm(weight, lora_a, lora_b, scaling, kind).to(weight.dtype).view(shape)
-    mag.norm_cache = (key, norm)
-    return norm
+    if cached is None or cached[0] != key:
+        cached = mag.norm_cache = (key, _factors(mag, weight, lora_a, lora_b, scaling, kind))
+    return cached[1]
 
 
 def add_magnitude(layer: AdaptedLayer, adapter: str, lora_b: torch.Tensor,
@@ -82,12 +96,13 @@ def add_magnitude(layer: AdaptedLayer, adapter: str, lora_b: torch.Tensor,
     layer.lora_magnitude_vector[adapter] = DoraMagnitude(norm.to(weight.dtype))
 
 
-def _scale(b: Builder, adapter: str, lora_a: fx.Node, lora_b: fx.Node) -> fx.Node:
-    """`m / ||W + s*BA||` (the node PEFT calls `mag_norm_scale`)."""
-    norm = b.call(dora_norm, b.attr(f"lora_magnitude_vector.{adapter}"),
-                  b.attr("base_layer.weight"), lora_a, lora_b, b.layer.sites[adapter].scaling,
-                  b.layer.kind)
-    return b.call(operator.truediv, b.attr(f"lora_magnitude_vector.{adapter}.weight"), norm)
+def _factor_nodes(b: Builder, adapter: str, lora_a: fx.Node,
+                  lora_b: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """Nodes for `scale - 1` and `scale * s`, where `scale = m / ||W + s*BA||`."""
+    factors = b.call(dora_factors, b.attr(f"lora_magnitude_vector.{adapter}"),
+                     b.attr("base_layer.weight"), lora_a, lora_b,
+                     b.layer.sites[adapter].scaling, b.layer.kind)
+    return b.call(operator.getitem, factors, 0), b.call(operator.getitem, factors, 1)
 
 
 def _without_bias(b: Builder, result: fx.Node) -> fx.Node:
@@ -103,35 +118,30 @@ def _without_bias(b: Builder, result: fx.Node) -> fx.Node:
 
 def emit(b: Builder, adapter: str, lora: fx.Node, dropped: fx.Node | None,
          prev: fx.Node) -> fx.Node:
-    """DoRA branch for Linear, Conv1D and convolutions, given the node `lora = B(A(x))`.
+    """DoRA branch for Linear, Conv1D and convolutions, given the node `lora = B(A(x))`:
+    `prev + (scale - 1) * base + scale * s * lora`.
 
     Without dropout (`dropped` is None) PEFT reuses the running result minus the base bias as
-    the base output; with dropout it recomputes the base output on the dropped input.
+    `base`; with dropout it recomputes the base output on the dropped input.
     """
-    scale = _scale(b, adapter, b.attr(f"lora_A.{adapter}.weight"),
-                   b.attr(f"lora_B.{adapter}.weight"))
-    if b.layer.kind in ("Linear", "Conv1D"):
-        scale = b.method("view", scale, 1, -1)
+    rescale, adapt = _factor_nodes(b, adapter, b.attr(f"lora_A.{adapter}.weight"),
+                                   b.attr(f"lora_B.{adapter}.weight"))
     if dropped is None:
         base = _without_bias(b, prev)
     else:
         base = emit_base_no_bias(b, b.layer.kind, dropped)
-    rescaled = b.call(operator.mul, b.call(operator.sub, scale, 1), base)
-    adapted = b.call(operator.mul, b.call(operator.mul, scale, lora),
-                     b.layer.sites[adapter].scaling)
-    return b.result(prev, b.call(operator.add, rescaled, adapted))
+    delta = b.call(torch.addcmul, b.call(operator.mul, rescale, base), adapt, lora)
+    return b.result(prev, delta)
 
 
 def emit_embedding(b: Builder, adapter: str, lora: fx.Node, prev: fx.Node,
                    finish: Callable[[fx.Node], fx.Node]) -> fx.Node:
-    """DoRA branch for Embedding: `scale * result + finish(scale * s * lora)`, where
+    """DoRA branch for Embedding: `prev + (scale - 1) * prev + finish(scale * s * lora)`, where
     `lora = embed(x, A.T) @ B.T` and `finish` applies the base's embedding scale."""
-    scale = _scale(b, adapter, b.attr(f"lora_embedding_A.{adapter}"),
-                   b.attr(f"lora_embedding_B.{adapter}"))
-    adapted = b.call(operator.mul, b.call(operator.mul, scale, lora),
-                     b.layer.sites[adapter].scaling)
-    rescaled = b.call(operator.mul, b.call(operator.sub, scale, 1), prev)
-    return b.result(prev, b.call(operator.add, rescaled, finish(adapted)))
+    rescale, adapt = _factor_nodes(b, adapter, b.attr(f"lora_embedding_A.{adapter}"),
+                                   b.attr(f"lora_embedding_B.{adapter}"))
+    adapted = finish(b.call(operator.mul, adapt, lora))
+    return b.result(prev, b.call(torch.addcmul, adapted, rescale, prev))
 
 
 def fold(layer: AdaptedLayer, adapter: str, weight: torch.Tensor, unmerged: torch.Tensor,

@@ -59,7 +59,7 @@ def test_merge_a_peft_checkpoint_equals_peft_merge(tmp_path: Path):
     result = surgeon("merge", "--model", "tiny:llama", "--adapter", "peft_ckpt", "-o", "merged", cwd=tmp_path)
     assert result.rc == 0, result
     assert "merging ..." in result.err and "wrote merged" in result.out, result
-    assert sorted(listing(tmp_path / "merged")) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert listing(tmp_path / "merged") == ["config.json", "generation_config.json", "model.safetensors"]
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
@@ -74,7 +74,8 @@ def test_failures_leave_no_partial_output(tmp_path: Path):
     unwritable = surgeon("apply", EXAMPLES / "lora_qv.peft", "--model", "tiny:llama", "-o", "a_file/out",
                          cwd=tmp_path)
     assert_user_error(unwritable, "cannot write", "not a directory")
-    no_adapter = surgeon("merge", "--model", "tiny:llama", "--adapter", "nowhere", "-o", "merged", cwd=tmp_path)
+    no_adapter = surgeon("merge", "--model", "tiny:llama", "--adapter", "nowhere", "-o", "merged",
+                         cwd=tmp_path)
     assert_user_error(no_adapter, "--adapter 'nowhere'", "no such directory")
     unknown = surgeon("apply", EXAMPLES / "lora_qv.peft", "--model", "tiny:llama", "-o", "out",
                       "--adapter", "nope", cwd=tmp_path)

@@ -55,7 +55,8 @@ def test_roles_lists_every_adaptable_layer(tmp_path: Path):
     result = surgeon("roles", "--model", TINY_NET, "--input", "2x16", "--json", cwd=tmp_path)
     assert result.rc == 0, result
     rows = json.loads(result.out)["layers"]
-    assert [r["path"] for r in rows] == ["layers.0.fc1", "layers.0.fc2", "layers.1.fc1", "layers.1.fc2", "head"]
+    paths = ["layers.0.fc1", "layers.0.fc2", "layers.1.fc1", "layers.1.fc2", "head"]
+    assert [r["path"] for r in rows] == paths
     assert all(r["kind"] == "Linear" and r["role"] and r["evidence"] for r in rows), rows
     table = surgeon("roles", "--model", TINY_NET, cwd=tmp_path)
     assert table.rc == 0 and "layers.0.fc1" in table.out and "5 adaptable layers" in table.out, table
@@ -64,7 +65,8 @@ def test_roles_lists_every_adaptable_layer(tmp_path: Path):
 def test_spec_errors_against_a_model_are_rendered_diagnostics(tmp_path: Path):
     (tmp_path / "typo.peft").write_text("adapter default = lora(r=4) {\n    target fc3\n}\n")
     result = surgeon("plan", "typo.peft", "--model", TINY_NET, cwd=tmp_path)
-    assert_user_error(result, "typo.peft:2:5: error:", "`target fc3` matches no module", "^^^", "did you mean")
+    assert_user_error(result, "typo.peft:2:5: error:", "`target fc3` matches no module", "^^^",
+                      "did you mean")
     assert not result.err.startswith("surgeon: error:"), result
 
 

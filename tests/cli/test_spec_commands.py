@@ -114,7 +114,8 @@ def test_existing_output_needs_force(tmp_path: Path):
     forced = surgeon("convert", "names.peft", "-o", "out", "--force", cwd=tmp_path)
     assert forced.rc == 0, forced
     assert listing(tmp_path / "out") == ["adapter_config.json", "other", "other/adapter_config.json"]
-    assert listing(tmp_path) == sorted(["names.peft", "out", *(f"out/{p}" for p in listing(tmp_path / "out"))])
+    written = [f"out/{p}" for p in listing(tmp_path / "out")]
+    assert listing(tmp_path) == sorted(["names.peft", "out", *written])
 
 
 def test_bad_flags_are_usage_errors(tmp_path: Path):

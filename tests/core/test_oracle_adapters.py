@@ -117,3 +117,30 @@ def test_mixed_batch_on_a_deep_copy(tmp_path: Path):
     rows = ["other", "default", "__base__", "other"]
     with torch.no_grad():
         assert max_diff(case.output(twin, adapter_names=rows), case.output(pm, adapter_names=rows)) <= ATOL
+
+
+def test_saved_modules_follow_peft(tmp_path: Path):
+    """Two adapters each with their own copy of the head: switching and mixed rows."""
+    case = PLAIN_CASES[0]  # the MLP; seq.4 is its head
+    ctx = quiet()
+    try:
+        base = case.build()
+        config = LoraConfig(target_modules=["seq.0"], modules_to_save=["seq.4"])
+        pm = get_peft_model(copy.deepcopy(base), config)
+        pm.add_adapter("other", LoraConfig(target_modules=["seq.0", "seq.2"], modules_to_save=["seq.4"]))
+        randomize(pm)
+        pm.eval()
+        pm.save_pretrained(tmp_path)
+        ours = copy.deepcopy(base)
+        S.load_adapter(ours, tmp_path)
+        S.load_adapter(ours, tmp_path / "other", "other")
+        assert "seq.4.modules_to_save.other.weight" in ours.state_dict()
+        _same(case, pm, ours)
+        _same(case, pm, ours, adapter_names=["other", "default", "__base__", "other"])
+        pm.set_adapter("other")
+        S.set_adapter(ours, "other")
+        _same(case, pm, ours)
+        with pm.disable_adapter(), S.disable_adapters(ours):
+            _same(case, pm, ours)
+    finally:
+        ctx.__exit__(None, None, None)

@@ -27,7 +27,8 @@ def peft_layout(pm) -> pf.Layout:
     embeds = ()
     if isinstance(base, PreTrainedModel):
         io = (base.get_input_embeddings(), base.get_output_embeddings())
-        embeds = tuple(n for n, m in base.named_modules() if isinstance(m, LoraLayer) and any(m is e for e in io))
+        embeds = tuple(n for n, m in base.named_modules()
+                       if isinstance(m, LoraLayer) and any(m is e for e in io))
     return pf.Layout(adapted, saved, tuple(pm.peft_config), embeds)
 
 

@@ -38,7 +38,8 @@ def test_selected_adapters_and_layout(tmp_path: Path):
     model = S.apply("adapter default = lora(r=2) { target seq.0 }", case.build())
     S.apply("adapter b = lora(r=3) { target seq.2  save seq.4 }", model)
     S.save_pretrained(model, tmp_path / "both")
-    assert (tmp_path / "both" / pf.WEIGHTS_NAME).is_file() and (tmp_path / "both" / "b" / pf.CONFIG_NAME).is_file()
+    assert (tmp_path / "both" / pf.WEIGHTS_NAME).is_file()
+    assert (tmp_path / "both" / "b" / pf.CONFIG_NAME).is_file()
     assert (tmp_path / "both" / "README.md").read_text().startswith("---\nlibrary_name: peft")
     config = json.loads((tmp_path / "both" / "b" / pf.CONFIG_NAME).read_text())
     assert config["r"] == 3 and config["inference_mode"] is True and config["modules_to_save"] == ["seq.4"]

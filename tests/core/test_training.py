@@ -41,7 +41,8 @@ def test_training_lowers_the_loss_like_peft(tmp_path: Path):
     ours, peft = _twins(case.build, "adapter default = lora(r=4) { target seq.0, seq.2 }", tmp_path)
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
-    assert trainable == {n.removeprefix("base_model.model.") for n, p in peft.named_parameters() if p.requires_grad}
+    theirs = {n.removeprefix("base_model.model.") for n, p in peft.named_parameters() if p.requires_grad}
+    assert trainable == theirs
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(16, 20, generator=g), torch.randint(0, 2, (16,), generator=g)
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (ours, peft)]
