@@ -6,11 +6,11 @@ that `gm` does not hold yet); the pipeline then rebuilds the GraphModule rooted 
 which copies the targets and recompiles, and lints the graph. A failure re-raises the original
 exception with a note naming the pass and the pass history.
 
-Example:
+Example (`layer` an `AdaptedLayer`):
     >>> from surgeon.passes.insert_adapters import InsertAdaptersPass
-    >>> result = run_passes(empty_graph_module(), layer, [InsertAdaptersPass()])
-    >>> result.modified
-    True
+    >>> result = run_passes(empty_graph_module(), layer, [InsertAdaptersPass()], verify=True)
+    >>> result.modified, result.gm.graph is not None
+    (True, True)
 """
 
 from __future__ import annotations

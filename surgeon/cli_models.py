@@ -31,8 +31,7 @@ def _merge_arguments(cmd: argparse.ArgumentParser) -> None:
 def run_merge(args: argparse.Namespace) -> int:
     adapter = Path(args.adapter)
     if not (adapter / "adapter_config.json").is_file():
-        what = "no such directory" if not adapter.is_dir() else "no adapter_config.json in it"
-        raise _usage_error(f"--adapter '{args.adapter}': {what}")
+        raise _usage_error(f"--adapter '{args.adapter}': {_why_not_an_adapter(adapter)}")
     output = Path(args.output)
     check_output(output, directory=True, force=args.force)  # before the slow part (torch too)
 
@@ -51,6 +50,15 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _why_not_an_adapter(folder: Path) -> str:
+    if not folder.is_dir():
+        return "no such directory"
+    named = sorted(p.name for p in folder.iterdir() if (p / "adapter_config.json").is_file())
+    if named:  # PEFT keeps non-default adapters in subfolders
+        return f"no adapter_config.json in it; its subfolders hold adapters {named}: pass one of them"
+    return "no adapter_config.json in it"
+
+
 def _merge_and_unload(model, *, large: bool):
     """surgeon.api.merge_and_unload, one layer at a time so that a large model shows a bar."""
     from surgeon.api import unload
@@ -67,9 +75,9 @@ def _merge_and_unload(model, *, large: bool):
 
 def _save_model(model, folder: Path, source_dir: Path | None) -> None:
     """Safetensors weights; a transformers model with its config and tokenizer files."""
-    from transformers import PreTrainedModel
+    from surgeon.models import is_transformers_model
 
-    if isinstance(model, PreTrainedModel):
+    if is_transformers_model(model):
         model.save_pretrained(folder)
         for name in _TOKENIZER_FILES if source_dir is not None else ():
             if (source_dir / name).is_file():

@@ -87,9 +87,14 @@ class LoadedModel:
 
     @property
     def is_transformers(self) -> bool:
-        from transformers import PreTrainedModel
+        return is_transformers_model(self.model)
 
-        return isinstance(self.model, PreTrainedModel)
+
+def is_transformers_model(model: Any) -> bool:
+    """Whether `model` is a transformers PreTrainedModel, without importing transformers (slow):
+    if it was never imported, no model can be one."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
 def load_model(spec: str, *, inputs: tuple[InputShape, ...] = ()) -> LoadedModel:

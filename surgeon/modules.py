@@ -9,9 +9,11 @@ in-memory containers, so `state_dict()` keys equal a PEFT `LoraLayer`'s:
 (DoRA); `lora_dropout.<a>` is a parameter-free module.
 
 Its forward is a torch.fx graph built by the passes in `surgeon.passes` (insert-adapters,
-merge, unmerge): the base call and one branch per active, unmerged adapter, compiled to plain
-functional calls on the parameters. The graph is rebuilt only when the adapters, the active set,
-the merge state, enabling, the train/eval mode or the parameter dtypes change, never per call.
+merge, unmerge): the base call and one branch per active adapter, compiled to plain functional
+calls on the parameters. As in PEFT, a layer with any merged adapter, or with adapters
+disabled, runs its base layer alone. The graph is rebuilt only when the adapters, the active
+set, the merge state, enabling, the train/eval mode or the parameter dtypes change, never per
+call (train and eval graphs are both kept: eval drops dropout, training recomputes DoRA norms).
 
 API (all methods act on this layer only; the model-level helper calls them on every layer):
     AdaptedLayer(base_layer, site)               wrap `base_layer` with `site.adapter`, active
@@ -29,8 +31,15 @@ API (all methods act on this layer only; the model-level helper calls them on ev
                                                  model-level pre-hook sets it for one call and
                                                  a post-hook resets it to None
     relower()                                    rebuild after changes the layer cannot see
-                                                 (hooks added to base_layer, `.data` writes)
-    sites, active_adapters, merged_adapters, merged, disable_adapters, graph_module, weight, bias
+                                                 (hooks added to base_layer, `.data` writes,
+                                                 adapter params cast without `layer.to()`)
+    adapter_parameters(adapter) -> Iterator      that adapter's parameters on this layer
+    sites {adapter: Site}, active (list), active_adapters, merged_adapters, merged,
+    disable_adapters, kind, method, graph_module, weight / bias (the base layer's)
+
+Not done here (model-level, as in PEFT): freezing the base model and the bias modes
+"all" / "lora_only", `modules_to_save`, validating adapter names across layers, and routing
+`model(..., adapter_names=...)` to the layers.
 
 Example:
     >>> layer = AdaptedLayer(nn.Linear(16, 16), site)   # site.kind == "Linear"

@@ -7,8 +7,8 @@ layer (`surgeon.modules`) and the passes (`surgeon.passes`) are generic over thi
 
 Example:
     >>> from surgeon.methods import get_method
-    >>> get_method("lora").containers[:2]
-    (('lora_dropout', <class 'torch.nn.modules.container.ModuleDict'>), ...)
+    >>> get_method("lora").containers[0][0]
+    'lora_dropout'
 """
 
 from __future__ import annotations
