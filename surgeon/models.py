@@ -91,10 +91,10 @@ class LoadedModel:
 
 
 def is_transformers_model(model: Any) -> bool:
-    """Whether `model` is a transformers PreTrainedModel, without importing transformers (slow):
-    if it was never imported, no model can be one."""
-    transformers = sys.modules.get("transformers")
-    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+    """Whether `model` is a transformers PreTrainedModel, without importing transformers' modeling
+    code (seconds): if it was never imported, no model can be one."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    return modeling is not None and isinstance(model, modeling.PreTrainedModel)
 
 
 def load_model(spec: str, *, inputs: tuple[InputShape, ...] = ()) -> LoadedModel:

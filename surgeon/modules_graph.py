@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import linecache
+import operator
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -80,14 +81,18 @@ class Builder:
 
     def result(self, prev: fx.Node, delta: fx.Node, alpha: float = 1.0) -> fx.Node:
         """The branch's result node: `prev + alpha * delta`, `prev` first (see module docstring)."""
-        kwargs = {"alpha": alpha} if alpha != 1.0 else {}
-        return self._new("call_function", torch.add, (prev, delta), kwargs, role="result")
+        return self._new("call_function", torch.add, (prev, self._scaled(delta, alpha)), {},
+                         role="result")
 
     def index_result(self, prev: fx.Node, rows: fx.Node, delta: fx.Node, alpha: float) -> fx.Node:
         """Mixed-batch result: `prev` with `alpha * delta` added at `rows`."""
-        kwargs = {"alpha": alpha} if alpha != 1.0 else {}
-        return self._new("call_function", torch.index_add, (prev, 0, rows, delta), kwargs,
-                         role="result")
+        return self._new("call_function", torch.index_add, (prev, 0, rows, self._scaled(delta, alpha)),
+                         {}, role="result")
+
+    def _scaled(self, delta: fx.Node, alpha: float) -> fx.Node:
+        # A separate multiply, not `torch.add(..., alpha=)`: torch 2.13's inductor (CPU) drops
+        # the alpha of an add fused with a matmul and computes wrong results.
+        return delta if alpha == 1.0 else self.call(operator.mul, delta, alpha)
 
 
 def _format_target(base: str, target: str) -> str:

@@ -6,7 +6,9 @@ can build it, each without asking the spec again. Pure: the model is only read.
 
 Semantics are PEFT 0.21's (see surgeon.select): a target rule is a union of selectors, exclude
 rules and modules_to_save remove modules (a saved module's whole subtree), and a module that is
-no adaptable layer is an error, as in PEFT. Stricter than PEFT: a target rule that matches
+no adaptable layer is an error, as in PEFT. A task_type whose PEFT task model saves its head
+(SEQ_CLS, TOKEN_CLS: `classifier`, `score`; QUESTION_ANS: `qa_outputs`) saves it here too, so
+the checkpoint has what PeftModel.from_pretrained expects. Stricter than PEFT: a target rule that matches
 nothing is an error with "did you mean", not silence; a saved module that contains an adapted
 one is an error, not a copy of adapter layers; a name equal to a whole path still obeys `in
 layers[...]` (PEFT's `key in target_modules` skips the layer check).
@@ -40,6 +42,11 @@ LORA_SITE_OPTIONS = ("bias", "inference_mode", "init_lora_weights", "lora_bias",
                      "use_dora", "use_rslora")
 # Options that change *what* is adapted in ways a Site cannot say yet: refused, never ignored.
 UNPLANNED_OPTIONS = ("target_parameters", "layer_replication")
+# PEFT 0.21's task models (PeftModelForSequenceClassification, ...ForTokenClassification,
+# ...ForQuestionAnswering) append these names to modules_to_save, so the head trains, is saved,
+# and is expected in the checkpoint. The names match like any modules_to_save name.
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +66,12 @@ class Unmatched:
 class AdapterPlan:
     """What one adapter does to this model besides its sites."""
 
-    adapter: Adapter  # the spec's adapter (method, options, rules)
+    adapter: Adapter  # the spec's adapter, plus a `save` rule for the task heads PEFT adds
     sites: tuple[Site, ...]  # its sites, in model order
     save: tuple[str, ...]  # module paths trained and saved whole (PEFT modules_to_save)
     tokens: tuple[tuple[str, tuple[int, ...]], ...]  # (embedding path, trainable token rows)
     params: int  # trainable parameters: sites + saved copies + token rows + trainable biases
+    heads: tuple[str, ...] = ()  # paths in `save` that task_type saves (PEFT's task models add them)
 
     @property
     def name(self) -> str:
@@ -73,7 +81,8 @@ class AdapterPlan:
         return {
             "name": self.name, "method": self.adapter.method,
             "options": {o.name: to_python(o.value) for o in self.adapter.options},
-            "save": list(self.save), "tokens": {p: list(ix) for p, ix in self.tokens},
+            "save": list(self.save), "task_heads": list(self.heads),
+            "tokens": {p: list(ix) for p, ix in self.tokens},
             "sites": len(self.sites), "params": self.params,
         }
 
@@ -179,21 +188,25 @@ class _Planner:
         chosen = self.targets(adapter, task_type)
         removed = set().union(*(self.select(adapter, r, "exclude", task_type)
                                 for r in adapter.rules_of(Exclude)))
-        saved_names = tuple(n for rule in adapter.rules_of(Save) for n in rule.names)
+        heads = TASK_HEADS.get(task_type, ())
+        saved_names = tuple(n for rule in adapter.rules_of(Save) for n in rule.names) + heads
         kept = {p: loc for p, loc in chosen.items()
                 if p not in removed and not _under_saved(p, saved_names)}
         if not kept:
+            also = f" or the heads task_type={task_type} saves ({', '.join(heads)})" if heads else ""
             raise self.error(
                 f"adapter `{adapter.name}` adapts no module: its targets "
-                f"({len(chosen)} modules) are all excluded by `exclude` or `save` rules", adapter)
+                f"({len(chosen)} modules) are all excluded by `exclude` or `save` rules{also}", adapter)
         sites = self.sites(adapter, kept, task_type)
         save, tokens = self.save(adapter), self.tokens(adapter)
+        head_paths = tuple(self.save_paths(heads))
+        save += tuple(p for p in head_paths if p not in save)
         self.check_saved(adapter, sites, save)
         if conflict := set(save) & {p for p, _ in tokens}:
             raise self.error(f"`{sorted(conflict)[0]}` is both saved whole and token-trained; "
                              "choose `save` or `tokens`", adapter)
         params = sum(s.params for s in sites) + self.extra_params(adapter, sites, save, tokens)
-        return AdapterPlan(adapter, sites, save, tokens, params)
+        return AdapterPlan(_with_heads(adapter, heads), sites, save, tokens, params, head_paths)
 
     def targets(self, adapter: Adapter, task_type) -> dict[str, Target | None]:
         """Targeted path -> the first rule selecting it (None: default placement), model order."""
@@ -305,7 +318,7 @@ class _Planner:
         """modules_to_save resolved as PEFT's `_set_trainable` does (plain `endswith`)."""
         found: list[str] = []
         for rule in adapter.rules_of(Save):
-            hits = [p for p in self.all_paths if any(p.endswith(n) for n in rule.names)]
+            hits = self.save_paths(rule.names)
             if not hits:
                 self.note(adapter, rule, "save")
             for p in hits:  # PEFT's ModulesToSaveWrapper refuses containers without a forward
@@ -315,6 +328,12 @@ class _Planner:
                                      "forward of its own; save the modules inside it", rule)
             found += hits
         return tuple(dict.fromkeys(found))
+
+    def save_paths(self, names: tuple[str, ...]) -> list[str]:
+        """Paths PEFT wraps for modules_to_save `names`: every path (shared modules under each of
+        their names) ending with one of them, as plain strings. A task head the model lacks
+        (`score` on BERT) matches nothing, silently, as in PEFT."""
+        return [p for p in self.all_paths if any(p.endswith(n) for n in names)]
 
     def check_saved(self, adapter: Adapter, sites: tuple[Site, ...], save: tuple[str, ...]) -> None:
         """A saved module must not be, nor contain, an adapted one. PEFT raises for the former
@@ -378,6 +397,14 @@ class _Planner:
         return total
 
 
+def _with_heads(adapter: Adapter, heads: tuple[str, ...]) -> Adapter:
+    """`adapter` with a `save` rule for the task-head names its rules lack: PEFT appends them to
+    the config it trains with and writes, so adapter_config.json must list them too."""
+    stated = {n for rule in adapter.rules_of(Save) for n in rule.names}
+    missing = tuple(n for n in heads if n not in stated)
+    return replace(adapter, rules=adapter.rules + (Save(missing),)) if missing else adapter
+
+
 def _under_saved(path: str, names: tuple[str, ...]) -> bool:
     """PEFT never adapts a module_to_save nor anything inside one (whole dot segments)."""
     return any(path == n or path.endswith("." + n) or path.startswith(n + ".") or f".{n}." in path
@@ -430,7 +457,8 @@ def render_plan(plan: Plan) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     for a in plan.adapters:
         if a.save:
-            lines.append(f"save ({a.name}): {', '.join(a.save)}")
+            heads = [f"{p} (task head)" if p in a.heads else p for p in a.save]
+            lines.append(f"save ({a.name}): {', '.join(heads)}")
         for path, ix in a.tokens:
             lines.append(f"tokens ({a.name}): {path} {list(ix)}")
     for u in plan.unmatched:

@@ -125,8 +125,6 @@ def test_compiled_model_routes_mixed_rows():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="torch 2.13 inductor (CPU) drops `alpha` of torch.add(c, mm(..), alpha=s), "
-                          "which the LoRA branch emits; fixed when the lowering scales B's output instead")
 def test_inductor_compiles_an_adapted_mlp():
     case = CASES["mlp"]
     model = S.apply("adapter default = lora(r=4) { target seq.0, seq.2 }", case.build())
