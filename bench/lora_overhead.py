@@ -138,15 +138,14 @@ def base_weights(model) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- measuring
 
 
-def forward_ms(models: dict, shape: tuple[int, int], device, timing: Timing) -> dict[str, float]:
+def overheads(models: dict, base, shape: tuple[int, int], device, timing: Timing) -> dict[str, float]:
+    """Forward time of each model over the base model's, minus 1, with the base interleaved in the
+    same rounds (so a busy moment of the machine slows all three alike); plus the base's ms."""
     ids = torch.randint(0, 2048, shape, device=device, generator=torch.Generator(device).manual_seed(0))
-
-    def call(model):
-        return lambda: model(ids)
-
+    calls = {name: (lambda m=m: m(ids)) for name, m in {"base": base, **models}.items()}
     with torch.no_grad():
-        seconds = interleaved({k: call(m) for k, m in models.items()}, device, timing)
-    return {k: v * 1e3 for k, v in seconds.items()}
+        seconds = interleaved(calls, device, timing)
+    return {side: seconds[side] / seconds["base"] - 1 for side in models} | {"base_ms": seconds["base"] * 1e3}
 
 
 def train_step(model, shape: tuple[int, int], device):
@@ -170,15 +169,11 @@ def run_case(case: Case, base, shape: Shape, device, timing: Timing) -> dict:
     if "apply" in case.metrics:
         fns = {side: (lambda side=side: adapt(side, base, case)[1]) for side in SIDES}
         out["apply_ms"] = {k: v * 1e3 for k, v in once_each(fns, timing.repeats).items()}
-    base_ms = forward_ms({"base": base}, (1, 1), device, timing)["base"]
-    decode = forward_ms(models, (1, 1), device, timing)
-    out["decode_overhead"] = _overhead(decode, base_ms) | {"base_ms": base_ms}
+    out["decode_overhead"] = overheads(models, base, (1, 1), device, timing)
     if "prefill" in case.metrics:
-        base_pre = forward_ms({"base": base}, shape.prefill, device, timing)["base"]
-        prefill = forward_ms(models, shape.prefill, device, timing)
-        out["prefill_overhead"] = _overhead(prefill, base_pre) | {"base_ms": base_pre}
+        out["prefill_overhead"] = overheads(models, base, shape.prefill, device, timing)
     if "merge" in case.metrics:
-        out.update(measure_merge(models, base_ms, base_pre, shape, device, timing))
+        out.update(measure_merge(models, base, shape, device, timing))
     if "train" in case.metrics:
         for m in models.values():
             m.train()
@@ -189,8 +184,7 @@ def run_case(case: Case, base, shape: Shape, device, timing: Timing) -> dict:
     return out
 
 
-def measure_merge(models: dict, base_ms: float, base_pre: float, shape: Shape, device,
-                  timing: Timing) -> dict:
+def measure_merge(models: dict, base, shape: Shape, device, timing: Timing) -> dict:
     """Merge once (then time the merged forwards), unmerge, check the weights came back; then
     more merge/unmerge pairs, alternating sides, for the median times."""
     before = {side: base_weights(m) for side, m in models.items()}
@@ -200,8 +194,8 @@ def measure_merge(models: dict, base_ms: float, base_pre: float, shape: Shape, d
     for side, (merge, _) in fns.items():
         merge_s[side].append(clock(merge, device))
     out: dict[str, dict] = {
-        "merged_decode_overhead": _overhead(forward_ms(models, (1, 1), device, timing), base_ms),
-        "merged_prefill_overhead": _overhead(forward_ms(models, shape.prefill, device, timing), base_pre),
+        "merged_decode_overhead": overheads(models, base, (1, 1), device, timing),
+        "merged_prefill_overhead": overheads(models, base, shape.prefill, device, timing),
         "roundtrip_max_abs": {},
     }
     for side, (_, unmerge) in fns.items():
@@ -216,11 +210,6 @@ def measure_merge(models: dict, base_ms: float, base_pre: float, shape: Shape, d
     out["merge_ms"] = {side: statistics.median(v) * 1e3 for side, v in merge_s.items()}
     out["unmerge_ms"] = {side: statistics.median(v) * 1e3 for side, v in unmerge_s.items()}
     return out
-
-
-def _overhead(times_ms: dict[str, float], base_ms: float) -> dict[str, float]:
-    """Extra time over the base model's forward, as a fraction (0.1 = 10% slower)."""
-    return {side: t / base_ms - 1 for side, t in times_ms.items()}
 
 
 # --------------------------------------------------------------------------- reporting
@@ -267,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         shape, wide, timing = Shape(64, 2, (1, 16), (1, 16)), Shape(128, 2, (1, 8), (1, 8)), Timing(1, 1, 0)
     else:
-        shape, wide, timing = Shape(256, 4, (4, 256), (4, 256)), Shape(1024, 4, (1, 1), (1, 1)), Timing()
+        shape, wide = Shape(256, 4, (4, 256), (4, 256)), Shape(1024, 4, (1, 1), (1, 1))
+        timing = Timing(5, 3, 1)
     base = llama(shape, device)
     results = {case.name: run_case(case, base, shape, device, timing) for case in CASES}
     results[WIDE_DORA.name] = run_case(WIDE_DORA, llama(wide, device), wide, device, timing)

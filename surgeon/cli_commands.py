@@ -31,16 +31,12 @@ class UsageError(Exception):
     """A bad argument or input file that argparse cannot see; the message says what to do."""
 
 
-def _usage_error(message: str) -> UsageError:
-    return UsageError(message)
-
-
 def _existing_file(path: str, what: str) -> Path:
     file = Path(path)
     if not file.exists():
-        raise _usage_error(f"{what} '{path}': no such file")
+        raise UsageError(f"{what} '{path}': no such file")
     if file.is_dir():
-        raise _usage_error(f"{what} '{path}': is a directory")
+        raise UsageError(f"{what} '{path}': is a directory")
     return file
 
 
@@ -70,13 +66,14 @@ def _input_shape(text: str):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _load_model(args: argparse.Namespace):
+def load_model_arg(args: argparse.Namespace):
+    """The model `--model` names, with the `--input` example inputs (surgeon.models)."""
     from surgeon.models import load_model
 
     return load_model(args.model, inputs=tuple(args.input))
 
 
-def _print_json(data) -> None:
+def print_json(data) -> None:
     json.dump(data, sys.stdout, indent=2)
     sys.stdout.write("\n")
 
@@ -150,11 +147,11 @@ def _convert_arguments(cmd: argparse.ArgumentParser) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     source = Path(args.source)
     if not source.exists():
-        raise _usage_error(f"'{args.source}': no such file or directory")
+        raise UsageError(f"'{args.source}': no such file or directory")
     if source.is_dir() or source.suffix == ".json":
         return _decompile(source, args.output)
     if args.output is None:
-        raise _usage_error("compiling a .peft file needs -o DIR for its adapter_config.json files")
+        raise UsageError("compiling a .peft file needs -o DIR for its adapter_config.json files")
     return _compile(args, Path(args.output))
 
 
@@ -187,7 +184,7 @@ def _read_configs(source: Path) -> dict[str, dict]:
     for sub in sorted(p for p in source.iterdir() if (p / "adapter_config.json").is_file()):
         found[sub.name] = _read_json(sub / "adapter_config.json")
     if not found:
-        raise _usage_error(f"'{source}': no adapter_config.json in it or its subfolders")
+        raise UsageError(f"'{source}': no adapter_config.json in it or its subfolders")
     return found
 
 
@@ -195,9 +192,9 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise _usage_error(f"'{path}': not valid JSON ({error})") from None
+        raise UsageError(f"'{path}': not valid JSON ({error})") from None
     if not isinstance(data, dict):
-        raise _usage_error(f"'{path}': expected a JSON object (a PEFT adapter_config.json)")
+        raise UsageError(f"'{path}': expected a JSON object (a PEFT adapter_config.json)")
     return data
 
 
@@ -223,14 +220,14 @@ def _configs_without_model(spec) -> dict[str, dict]:
     try:
         return {a.name: peft_config_from_adapter(a) for a in spec.adapters}  # all before writing
     except NeedsModelError as error:
-        raise _usage_error(f"{error}; pass --model MODEL to resolve it against a model") from None
+        raise UsageError(f"{error}; pass --model MODEL to resolve it against a model") from None
 
 
 def _configs_for_model(spec, args: argparse.Namespace) -> dict[str, dict]:
     from surgeon.peft_config import peft_config_for_sites
     from surgeon.plan import plan as make_plan
 
-    loaded = _load_model(args)
+    loaded = load_model_arg(args)
     plan = make_plan(spec, loaded.model, example_inputs=loaded.example_inputs)
     return {a.name: peft_config_for_sites(a.adapter, a.sites, base_model_name_or_path=loaded.reference)
             for a in plan.adapters}
@@ -249,10 +246,10 @@ def run_plan(args: argparse.Namespace) -> int:
     from surgeon.plan import plan as make_plan
 
     spec = _load_spec(args.spec)
-    loaded = _load_model(args)
+    loaded = load_model_arg(args)
     plan = make_plan(spec, loaded.model, example_inputs=loaded.example_inputs)
     if args.json:
-        _print_json(plan.to_json())
+        print_json(plan.to_json())
     else:
         print(plan)
     return 0
@@ -278,7 +275,7 @@ def run_apply(args: argparse.Namespace) -> int:
     from surgeon.apply import state_of
     from surgeon.plan import plan as make_plan
 
-    loaded = _load_model(args)
+    loaded = load_model_arg(args)
     _warn_unmatched(make_plan(spec, loaded.model, example_inputs=loaded.example_inputs))
     torch.manual_seed(args.seed)
     apply(spec, loaded.model, example_inputs=loaded.example_inputs)
@@ -313,7 +310,7 @@ def _only_adapter(spec, name: str | None):
         return spec
     names = [a.name for a in spec.adapters]
     if name not in names:
-        raise _usage_error(f"--adapter '{name}': the spec has {', '.join(repr(n) for n in names)}")
+        raise UsageError(f"--adapter '{name}': the spec has {', '.join(repr(n) for n in names)}")
     return replace(spec, adapters=(spec.adapter(name),))
 
 
@@ -322,8 +319,8 @@ def _only_adapter(spec, name: str | None):
 CHECK = Command(
     "check .peft files and summarise each adapter",
     "  surgeon check examples/*.peft\n"
-    "  surgeon check lora_qv.peft\n"
-    "      lora_qv.peft: adapter 'default' lora r=16 alpha=32, 2 target rules\n",
+    "  surgeon check examples/lora_qv.peft\n"
+    "      lora_qv.peft: adapter 'default' lora r=8 alpha=16, 1 target rule\n",
     _check_arguments, run_check)
 PLAN = Command(
     "dry run: every site a spec selects on a model, with rank, alpha and parameters",
@@ -340,5 +337,6 @@ CONVERT = Command(
     "translate between PEFT adapter_config.json files and .peft specs",
     "  surgeon convert out/adapter/adapter_config.json -o spec.peft   # decompile\n"
     "  surgeon convert out/adapter                                    # every adapter, to stdout\n"
-    "  surgeon convert spec.peft -o out/configs                       # one config per adapter\n",
+    "  surgeon convert spec.peft -o out/configs                       # one config per adapter\n"
+    "  surgeon convert examples/lora_qv.peft --model tiny:llama -o cfg # roles resolved: exact targets\n",
     _convert_arguments, run_convert)

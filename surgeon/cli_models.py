@@ -6,7 +6,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from surgeon.cli_commands import Command, _load_model, _print_json, _usage_error, add_model_arguments
+from surgeon.cli_commands import Command, UsageError, add_model_arguments, load_model_arg, print_json
 from surgeon.cli_output import atomic_dir, check_output
 from surgeon.progress import LARGE_MODEL_PARAMS, bar, stage
 
@@ -31,13 +31,14 @@ def _merge_arguments(cmd: argparse.ArgumentParser) -> None:
 def run_merge(args: argparse.Namespace) -> int:
     adapter = Path(args.adapter)
     if not (adapter / "adapter_config.json").is_file():
-        raise _usage_error(f"--adapter '{args.adapter}': {_why_not_an_adapter(adapter)}")
+        raise UsageError(f"--adapter '{args.adapter}': {_why_not_an_adapter(adapter)}")
     output = Path(args.output)
     check_output(output, directory=True, force=args.force)  # before the slow part (torch too)
 
     from surgeon.api import load_adapter
+
     with stage(f"loading {args.model}"):
-        loaded = _load_model(args)
+        loaded = load_model_arg(args)
     total = sum(p.numel() for p in loaded.model.parameters())
     with stage(f"loading adapter {adapter}"):
         load_adapter(loaded.model, adapter)
@@ -107,14 +108,14 @@ def run_roles(args: argparse.Namespace) -> int:
     from surgeon.roles import infer_roles
     from surgeon.select import kind_of
 
-    loaded = _load_model(args)
+    loaded = load_model_arg(args)
     roles = infer_roles(loaded.model, example_inputs=loaded.example_inputs)
     modules = dict(loaded.model.named_modules())
     rows = [{"path": path, "kind": kind_of(modules[path]) or type(modules[path]).__name__,
              "shape": _shape(modules[path]), "role": str(role), "evidence": role.evidence}
             for path, role in roles.items()]
     if args.json:
-        _print_json({"model": loaded.name, "layers": rows})
+        print_json({"model": loaded.name, "layers": rows})
         return 0
     _print_roles(rows, loaded.name)
     return 0

@@ -314,3 +314,33 @@ def test_meta_device_and_layer_slices():
     result = plan(spec, model)
     assert {int(p.split(".")[2]) for p in result.paths()} == {0, 2, 4, 6, 7}
     assert result.trainable_params == 10 * 8 * (64 + 64) - 5 * 8 * (64 - 32)  # v_proj: 32 out (GQA)
+
+
+def test_task_type_heads_join_save_and_the_adapter_rules():
+    """PEFT's task model appends its head names to modules_to_save; the plan's adapter says so too
+    (it is what adapter_config.json is written from), without repeating names a rule states."""
+    model = tiny_models()["bert"]
+    base = "adapter default = lora(r=2, task_type=SEQ_CLS) { target query %s }"
+    bare = plan(base % "", model).adapter("default")
+    assert (bare.save, bare.heads) == (("classifier",), ("classifier",))
+    assert bare.adapter.rules[-1] == Save(("classifier", "score"))
+    assert bare.to_json()["task_heads"] == ["classifier"]
+    named = plan(base % " save classifier, pooler", model).adapter("default")
+    assert named.save == ("bert.pooler", "classifier") and named.heads == ("classifier",)
+    assert [r.names for r in named.adapter.rules_of(Save)] == [("classifier", "pooler"), ("score",)]
+    both = plan(base % " save classifier, score", model).adapter("default")
+    assert [r.names for r in both.adapter.rules_of(Save)] == [("classifier", "score")]
+    causal = plan(base.replace("SEQ_CLS", "CAUSAL_LM") % "", model).adapter("default")
+    assert (causal.save, causal.heads, causal.adapter.rules_of(Save)) == ((), (), ())
+
+
+def test_a_target_inside_a_task_head_is_not_adapted():
+    """PEFT's modules_to_save guard: the head is saved, never a target; nothing left is an error."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_models()["bert"]
+    with pytest.raises(PlanError, match="task_type=SEQ_CLS"):
+        plan("adapter default = lora(r=2, task_type=SEQ_CLS) { target classifier }", model)
+    with warnings.catch_warnings(), pytest.raises(ValueError):
+        warnings.simplefilter("ignore")
+        get_peft_model(copy.deepcopy(model), LoraConfig(target_modules=["classifier"], task_type="SEQ_CLS"))

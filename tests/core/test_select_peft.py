@@ -136,12 +136,14 @@ def spec_of(kw: dict) -> Spec:
 
 def peft_inject(model: nn.Module, kw: dict):
     """PEFT's LoraModel on a deepcopy: the tuner, or the exception PEFT raised."""
-    from peft import LoraConfig
+    from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraModel
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
+            if kw.get("task_type"):  # the task model adds its heads to modules_to_save
+                return get_peft_model(copy.deepcopy(model), LoraConfig(**kw)).base_model
             return LoraModel(copy.deepcopy(model), LoraConfig(**kw), "default")
         except (ValueError, TypeError) as error:
             return error
@@ -153,7 +155,7 @@ def _lora_numel(module: nn.Module) -> int:
 
 def _saves_an_adapted_module(model: nn.Module, tuner, kw: dict) -> bool:
     saved = [m for p, m in model.named_modules(remove_duplicate=False)
-             if any(p.endswith(n) for n in kw.get("modules_to_save") or ())]
+             if any(p.endswith(n) for n in tuner.peft_config["default"].modules_to_save or ())]
     adapted = {id(model.get_submodule(p)) for p in tuner.targeted_module_names}
     return any(id(m) in adapted for s in saved for m in s.modules())
 

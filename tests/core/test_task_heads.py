@@ -33,7 +33,8 @@ CASES = [
     pytest.param(ModelCase("bert", _hf("BertConfig", "BertForSequenceClassification", num_labels=3, **_BERT),
                            token_inputs, ("query", "value")), "SEQ_CLS", "", "classifier", id="bert-seq"),
     pytest.param(ModelCase("llama", _hf("LlamaConfig", "LlamaForSequenceClassification", num_labels=3,
-                                        num_key_value_heads=2, **_DECODER), token_inputs, ("q_proj", "v_proj")),
+                                        num_key_value_heads=2, **_DECODER),
+                           token_inputs, ("q_proj", "v_proj")),
                  "SEQ_CLS", "", "score", id="llama-seq"),
     pytest.param(ModelCase("bert", _hf("BertConfig", "BertForTokenClassification", num_labels=5, **_BERT),
                            token_inputs, ("query", "value")), "TOKEN_CLS", "", "classifier", id="bert-token"),
@@ -132,7 +133,8 @@ def test_surgeon_checkpoint_loads_in_peft(tmp_path: Path, case, task_type, save,
     S.save_pretrained(model, tmp_path / "surgeon")
     pm = _peft(case, task_type, save)  # what PEFT itself writes for the same config
     pm.save_pretrained(tmp_path / "peft")
-    ours, theirs = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("surgeon", "peft"))
+    ours, theirs = (json.loads((tmp_path / d / "adapter_config.json").read_text())
+                    for d in ("surgeon", "peft"))
     assert ours["modules_to_save"] == list(dict.fromkeys(theirs["modules_to_save"]))
     assert ours["task_type"] == theirs["task_type"] == task_type
     keys = [set(load_file(tmp_path / d / "adapter_model.safetensors")) for d in ("surgeon", "peft")]

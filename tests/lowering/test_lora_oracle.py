@@ -46,9 +46,14 @@ def test_forward_merge_unmerge_match_peft(kind: str, variant: str) -> None:
     assert ours.graph_module.graph.find_nodes(op="call_function", target=torch.add) == []
     theirs.unmerge()
     ours.unmerge()
-    peft_error = max_diff(theirs.base_layer.weight, original)
-    our_error = max_diff(ours.base_layer.weight, original)
-    assert our_error <= peft_error
+    peft_error = (theirs.base_layer.weight - original).abs()
+    our_error = (ours.base_layer.weight - original).abs()
+    # In fp32 both round trips sit at about one ulp of the weight; which few elements round the
+    # other way depends on how the delta is computed (peft: a conv for conv kernels; ours: a GEMM)
+    # and on threads, so one case is a coin flip. The mean-error comparison over seeds is
+    # test_low_precision_round_trip_no_worse_than_peft; here: within one rounding step of peft.
+    one_ulp = torch.finfo(original.dtype).eps * original.abs().max().item()
+    assert our_error.max() <= peft_error.max() + one_ulp
     assert max_diff(*_eval_outputs(theirs, ours, x)) <= TOL
 
 
