@@ -46,6 +46,23 @@ class InsertAdaptersPass:
         return PassResult(gm, built or inserted)
 
 
+def lower_graph(layer: AdaptedLayer, adapters: tuple[str, ...] | None = None, *,
+                mixed: bool = False) -> fx.Graph:
+    """The pass applied to an empty graph, without wrapping it in GraphModules: the layer
+    compiles the graph itself (`compile_forward`), so building one per layer stays cheap."""
+    graph = fx.Graph()
+    InsertAdaptersPass(adapters, mixed)(_Holder(graph), layer)
+    graph.lint()
+    return graph
+
+
+@dataclass(frozen=True, slots=True)
+class _Holder:
+    """The one attribute of a GraphModule that this pass reads."""
+
+    graph: fx.Graph
+
+
 def _find(graph: fx.Graph, role: str) -> fx.Node:
     return next(n for n in graph.nodes if tag(n).get("role") == role)
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from surgeon import peft_format as pf
-from surgeon.apply import (
+from surgeon.transaction import (
     State, Transaction, activate, adapted_layers, commit, prepare, remove_hooks, rename_adapter,
     require_state, saved_modules, set_state, unwrap,
 )

@@ -225,7 +225,7 @@ def _configs_without_model(spec) -> dict[str, dict]:
 
 def _configs_for_model(spec, args: argparse.Namespace) -> dict[str, dict]:
     from surgeon.peft_config import peft_config_for_sites
-    from surgeon.plan import plan as make_plan
+    from surgeon.planner import plan as make_plan
 
     loaded = load_model_arg(args)
     plan = make_plan(spec, loaded.model, example_inputs=loaded.example_inputs)
@@ -243,7 +243,7 @@ def _plan_arguments(cmd: argparse.ArgumentParser) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from surgeon.plan import plan as make_plan
+    from surgeon.planner import plan as make_plan
 
     spec = _load_spec(args.spec)
     loaded = load_model_arg(args)
@@ -272,8 +272,8 @@ def run_apply(args: argparse.Namespace) -> int:
     import torch
 
     from surgeon.api import apply, save_pretrained
-    from surgeon.apply import state_of
-    from surgeon.plan import plan as make_plan
+    from surgeon.transaction import state_of
+    from surgeon.planner import plan as make_plan
 
     loaded = load_model_arg(args)
     _warn_unmatched(make_plan(spec, loaded.model, example_inputs=loaded.example_inputs))

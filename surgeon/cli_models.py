@@ -63,7 +63,7 @@ def _why_not_an_adapter(folder: Path) -> str:
 def _merge_and_unload(model, *, large: bool):
     """surgeon.api.merge_and_unload, one layer at a time so that a large model shows a bar."""
     from surgeon.api import unload
-    from surgeon.apply import adapted_layers, require_state
+    from surgeon.transaction import adapted_layers, require_state
 
     active = require_state(model).active
     layers = list(adapted_layers(model))
@@ -105,7 +105,7 @@ def _roles_arguments(cmd: argparse.ArgumentParser) -> None:
 
 
 def run_roles(args: argparse.Namespace) -> int:
-    from surgeon.roles import infer_roles
+    from surgeon.roles_infer import infer_roles
     from surgeon.select import kind_of
 
     loaded = load_model_arg(args)

@@ -59,14 +59,14 @@ from torch import fx, nn
 
 from surgeon.methods import get_method
 from surgeon.modules_graph import compile_forward
-from surgeon.passes.insert_adapters import InsertAdaptersPass, rows_of
+from surgeon.passes.insert_adapters import lower_graph, rows_of
 from surgeon.passes.merge import MergePass
-from surgeon.passes.pipeline import Pass, empty_graph_module, run_passes
+from surgeon.passes.pipeline import Pass, run_passes
 from surgeon.passes.unmerge import UnmergePass
 from surgeon.site import BASE_KINDS, Site
 
 # Attributes holding compiled state: rebuilt on demand, never pickled or deep-copied.
-_COMPILED = ("_gm", "_run", "_lowered", "_mixed")
+_COMPILED = ("_gm", "_graph", "_run", "_lowered", "_mixed")
 
 
 def _lazy_run(layer: AdaptedLayer, *inputs: Any) -> torch.Tensor:
@@ -125,9 +125,12 @@ class AdaptedLayer(nn.Module):
 
     @property
     def graph_module(self) -> fx.GraphModule:
-        """The current forward graph (inspection only; it runs via `forward`)."""
-        if self._gm is None:
+        """The current forward graph (inspection only; it runs via `forward`). Wrapped in a
+        GraphModule on first access only: lowering itself never builds one."""
+        if self._graph is None:
             self.relower()
+        if self._gm is None or self._gm.graph is not self._graph:
+            self.__dict__["_gm"] = fx.GraphModule(self, self._graph, class_name="AdaptedForward")
         return self._gm
 
     def lowered_adapters(self) -> list[str]:
@@ -268,8 +271,7 @@ class AdaptedLayer(nn.Module):
         key = (self.training, present)
         run = self._mixed.get(key)
         if run is None:
-            gm = run_passes(empty_graph_module(), self, [InsertAdaptersPass(present, True)]).gm
-            run = self._mixed[key] = compile_forward(gm.graph, self)
+            run = self._mixed[key] = compile_forward(lower_graph(self, present, mixed=True), self)
         return run(self, x, *(rows_of(names, a, x.device) for a in present))
 
     # ------------------------------------------------------------------------------ lowering
@@ -280,7 +282,7 @@ class AdaptedLayer(nn.Module):
         self._invalidate()
 
     def _reset_compiled(self) -> None:
-        self.__dict__.update(_gm=None, _run=_lazy_run, _lowered={}, _mixed={})
+        self.__dict__.update(_gm=None, _graph=None, _run=_lazy_run, _lowered={}, _mixed={})
 
     def _invalidate(self) -> None:
         self._reset_compiled()
@@ -289,9 +291,9 @@ class AdaptedLayer(nn.Module):
     def _select(self) -> None:
         """Use the graph for the current mode, lowering it from scratch if needed."""
         if self.training not in self._lowered:
-            gm = run_passes(empty_graph_module(), self, [InsertAdaptersPass()]).gm
-            self._lowered[self.training] = (gm, compile_forward(gm.graph, self))
-        self.__dict__["_gm"], self.__dict__["_run"] = self._lowered[self.training]
+            graph = lower_graph(self)
+            self._lowered[self.training] = (graph, compile_forward(graph, self))
+        self.__dict__["_graph"], self.__dict__["_run"] = self._lowered[self.training]
 
     def _transform(self, passes: list[Pass]) -> None:
         """Run state-changing passes on the current graph; other modes re-lower lazily."""
@@ -301,7 +303,8 @@ class AdaptedLayer(nn.Module):
             self._invalidate()  # a pass may have merged some adapters before failing
             raise
         self._reset_compiled()
-        self._lowered[self.training] = (gm, compile_forward(gm.graph, self))
+        self._lowered[self.training] = (gm.graph, compile_forward(gm.graph, self))
+        self.__dict__["_gm"] = gm
         self._select()
 
     def train(self, mode: bool = True) -> AdaptedLayer:

@@ -8,7 +8,7 @@ key list, so a submodule reused under two parents is seen once, under its first 
     Glob       fnmatch per dot segment, whole path or a suffix of segments
     ModuleType a class of that name in the module's MRO (isinstance by class name)
     AllLinear  nn.Linear and transformers Conv1D, minus the output head (PEFT's all-linear)
-    RoleRef    the role inferred from the dataflow graph (surgeon.roles, only when used)
+    RoleRef    the role inferred from the dataflow graph (surgeon.roles_infer, only when used)
     within     the subtree at that path;  layers[...]  see surgeon.layers;  except  difference
 
 Name, type and layer selectors read only the module tree, so planning them costs no capture.
@@ -146,7 +146,7 @@ class Resolver:
 
     @cached_property
     def roles(self) -> dict[str, str]:
-        from surgeon.roles import infer_roles  # capture is costly: only for role selectors
+        from surgeon.roles_infer import infer_roles  # capture is costly: only for role selectors
 
         try:
             roles = infer_roles(self.model, example_inputs=self.example_inputs)

@@ -19,8 +19,8 @@ from surgeon.modules import AdaptedLayer
 from tests.core.test_oracle import quiet
 from tests.models import CASES
 
-# `surgeon.apply` is also the public function's name: take the module from sys.modules
-A = importlib.import_module("surgeon.apply")
+# the transaction module (the public function `surgeon.apply` lives in surgeon.api)
+A = importlib.import_module("surgeon.transaction")
 
 QV = "adapter default = lora(r=4, alpha=8) { target q_proj, v_proj }"
 OTHER = "adapter other = lora(r=2) { target all-linear }"

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-import surgeon.roles
+import surgeon.roles_infer
 from surgeon.lang.spec import (
     Adapter, Alpha, AllLinear, Layers, LayerSlice, Name, Option, Rank, Save, Selection, Span, Spec, Target,
 )
-from surgeon.plan import Plan, PlanError, plan
+from surgeon.planner import Plan, PlanError, plan
 from tests.core.test_layers import tiny_models
 
 SPEC = """\
@@ -258,11 +258,11 @@ def test_unmatched_rules_of_a_spec_built_in_python():
 def test_default_placement_is_query_and_value_by_role(monkeypatch):
     roles = {"blocks.0.attn.q": "attn.q", "blocks.0.attn.v": "attn.v", "towers.left.proj": "attn.qkv",
              "blocks.0.mlp.0": "mlp.up"}
-    monkeypatch.setattr(surgeon.roles, "infer_roles", lambda model, example_inputs=None: roles)
+    monkeypatch.setattr(surgeon.roles_infer, "infer_roles", lambda model, example_inputs=None: roles)
     result = plan(_adapter(), tiny_models()["nested"])
     assert result.paths() == ("towers.left.proj", "blocks.0.attn.q", "blocks.0.attn.v")
     assert {s.rule for s in result.sites} == {"default(@attn.q, @attn.v)"}
-    monkeypatch.setattr(surgeon.roles, "infer_roles", lambda model, example_inputs=None: {})
+    monkeypatch.setattr(surgeon.roles_infer, "infer_roles", lambda model, example_inputs=None: {})
     with pytest.raises(PlanError, match=r"no target rule and the default placement \(@attn.q, @attn.v\)"):
         plan(_adapter(), tiny_models()["nested"])
 

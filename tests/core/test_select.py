@@ -8,7 +8,7 @@ import warnings
 import pytest
 from torch import nn
 
-import surgeon.roles
+import surgeon.roles_infer
 from surgeon.lang.spec import (
     AllLinear, Glob, Layers, LayerSlice, ModuleType, Name, Regex, RoleRef, Selection,
 )
@@ -28,7 +28,7 @@ def no_roles(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("infer_roles was called for a selection that needs no roles")
 
-    monkeypatch.setattr(surgeon.roles, "infer_roles", boom)
+    monkeypatch.setattr(surgeon.roles_infer, "infer_roles", boom)
 
 
 def test_name_is_suffix_on_whole_segments(no_roles):
@@ -120,7 +120,7 @@ def test_role_selectors_capture_once_and_only_when_used(monkeypatch):
         calls.append(example_inputs)
         return roles
 
-    monkeypatch.setattr(surgeon.roles, "infer_roles", fake)
+    monkeypatch.setattr(surgeon.roles_infer, "infer_roles", fake)
     resolver = Resolver(tiny_models()["nested"], example_inputs=("x",))
     assert resolver.select(Selection((Name("head"),))) == ("head",) and calls == []
     assert resolver.select(Selection((RoleRef("attn.q"),))) == ("towers.left.proj", "blocks.0.attn.q")

@@ -19,8 +19,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import load_file
 
-from surgeon.apply import saved_modules
-from surgeon.plan import plan
+from surgeon.transaction import saved_modules
+from surgeon.planner import plan
 from tests.models import _DECODER, VOCAB, ModelCase, _hf, token_inputs
 
 S = importlib.import_module("surgeon.api")  # `surgeon.api` the attribute may be a function

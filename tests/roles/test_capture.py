@@ -8,7 +8,7 @@ from torch import fx, nn
 
 from surgeon.capture import CaptureError, capture, capture_graph, meta_copy, repeated_blocks
 from surgeon.inputs import synthesize_inputs
-from surgeon.roles import Role, RolesError, infer_roles
+from surgeon.roles_infer import Role, RolesError, infer_roles
 from tests.roles.zoo import build
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from surgeon.roles import infer_roles
+from surgeon.roles_infer import infer_roles
 from tests.roles.test_pitfalls import D, MoE, Attention
 from tests.roles.zoo import build, roles_of
 

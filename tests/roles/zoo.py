@@ -142,7 +142,7 @@ def build(arch: str) -> nn.Module:
 @functools.cache
 def roles_of(arch: str) -> dict[str, str]:
     """Inferred roles of the tiny `arch` model, computed once per test session."""
-    from surgeon.roles import infer_roles
+    from surgeon.roles_infer import infer_roles
 
     return infer_roles(build(arch))
 

@@ -30,8 +30,10 @@ from torch import nn
 from surgeon.lang.spec import Adapter, Spec
 from surgeon.modules import AdaptedLayer
 from surgeon.site import Site
+from surgeon.select import PlanError
 
 STATE_ATTR = "surgeon_state"
+ROUTED_ATTR = "surgeon_rows_routed"  # set on the root while a mixed batch's rows are routed
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
@@ -228,7 +230,7 @@ def rename_adapter(spec: Spec, adapter_name: str | None) -> Spec:
     if adapter_name is None:
         return spec
     if len(spec.adapters) != 1:
-        raise ValueError(f"adapter_name={adapter_name!r} needs a spec with one adapter; "
+        raise PlanError(f"adapter_name={adapter_name!r} needs a spec with one adapter; "
                          f"this one has {len(spec.adapters)}")
     return dataclasses.replace(spec, adapters=(dataclasses.replace(spec.adapters[0], name=adapter_name),))
 
@@ -237,15 +239,15 @@ def _check_names(spec: Spec, state: State | None) -> None:
     existing = set(state.names) if state else set()
     for a in spec.adapters:
         if a.name in existing:
-            raise ValueError(f"adapter `{a.name}` already exists in the model; delete it first or "
+            raise PlanError(f"adapter `{a.name}` already exists in the model; delete it first or "
                              "choose another name")
         if a.name == BASE or "." in a.name or not a.name:
-            raise ValueError(f"`{a.name}` cannot name an adapter (no dots, not `{BASE}`)")
+            raise PlanError(f"`{a.name}` cannot name an adapter (no dots, not `{BASE}`)")
 
 
 def prepare(spec: Spec, model: nn.Module, *, example_inputs=None) -> Prepared:
     """Plan `spec` and build every new module, reading the model only."""
-    from surgeon.plan import plan as make_plan
+    from surgeon.planner import plan as make_plan
 
     state = state_of(model)
     _check_names(spec, state)
@@ -270,11 +272,11 @@ def _prepare_site(model: nn.Module, site: Site, prepared: Prepared) -> None:
     module = model.get_submodule(site.path)
     if isinstance(module, AdaptedLayer):
         if site.kind != module.kind or site.method != module.method.name:
-            raise ValueError(f"`{site.path}` holds {module.method.name}/{module.kind} adapters; "
+            raise PlanError(f"`{site.path}` holds {module.method.name}/{module.kind} adapters; "
                              f"cannot add a {site.method}/{site.kind} one")
         prepared.added_sites.append((module, site))
     elif isinstance(module, SavedModule):
-        raise ValueError(f"`{site.path}` is saved whole by another adapter; it cannot also be adapted")
+        raise PlanError(f"`{site.path}` is saved whole by another adapter; it cannot also be adapted")
     else:
         prepared.new_layers[site.path] = AdaptedLayer(module, site)
 
@@ -288,7 +290,7 @@ def _prepare_saved(model: nn.Module, path: str, adapter: str, prepared: Prepared
     if isinstance(module, SavedModule):
         prepared.added_copies.append((module, adapter, copy.deepcopy(module.original_module)))
     elif isinstance(module, AdaptedLayer):
-        raise ValueError(f"`{path}` is adapted by another adapter; it cannot also be saved whole")
+        raise PlanError(f"`{path}` is adapted by another adapter; it cannot also be saved whole")
     else:
         wrapper = SavedModule(module)
         wrapper.modules_to_save[adapter] = copy.deepcopy(module)
@@ -393,12 +395,17 @@ def _take_adapter_names(module: nn.Module, args, kwargs):
     if unknown:
         raise ValueError(f"unknown adapter(s) in adapter_names: {unknown}; "
                          f"the model has {list(state.names if state else ())} and `{BASE}`")
+    setattr(module, ROUTED_ATTR, True)
     _set_rows(module, list(names))
     return args, kwargs
 
 
 def _clear_adapter_names(module: nn.Module, args, kwargs, output):
-    _set_rows(module, None)
+    # Runs after every forward: only walk the model when the pre-hook routed rows, so a plain
+    # call (decode) pays one attribute read, not a traversal of every submodule.
+    if getattr(module, ROUTED_ATTR, False):
+        setattr(module, ROUTED_ATTR, False)
+        _set_rows(module, None)
 
 
 def _set_rows(module: nn.Module, names: list[str] | None) -> None:
