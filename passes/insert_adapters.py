@@ -22,7 +22,7 @@ from torch import fx
 
 from surgeon.modules_base import emit_base
 from surgeon.modules_graph import META, Builder, result_nodes, tag
-from surgeon.passes.pipeline import PassResult
+from surgeon.passes.pipeline import GraphHolder, PassResult
 
 if TYPE_CHECKING:
     from surgeon.modules import AdaptedLayer
@@ -48,19 +48,12 @@ class InsertAdaptersPass:
 
 def lower_graph(layer: AdaptedLayer, adapters: tuple[str, ...] | None = None, *,
                 mixed: bool = False) -> fx.Graph:
-    """The pass applied to an empty graph, without wrapping it in GraphModules: the layer
-    compiles the graph itself (`compile_forward`), so building one per layer stays cheap."""
+    """This pass on an empty graph, without a GraphModule (the layer compiles the graph
+    itself with `compile_forward`), so building one per layer stays cheap."""
     graph = fx.Graph()
-    InsertAdaptersPass(adapters, mixed)(_Holder(graph), layer)
+    InsertAdaptersPass(adapters, mixed)(GraphHolder(graph), layer)
     graph.lint()
     return graph
-
-
-@dataclass(frozen=True, slots=True)
-class _Holder:
-    """The one attribute of a GraphModule that this pass reads."""
-
-    graph: fx.Graph
 
 
 def _find(graph: fx.Graph, role: str) -> fx.Node:

@@ -39,17 +39,26 @@ class Pass(Protocol):
     def __call__(self, gm: fx.GraphModule, layer: AdaptedLayer) -> PassResult: ...
 
 
+@dataclass(frozen=True, slots=True)
+class GraphHolder:
+    """A bare graph in a GraphModule's place: passes only read `.graph`, and an adapted layer
+    compiles its graph itself, so its own lowering skips GraphModule's codegen per pass."""
+
+    graph: fx.Graph
+
+
 def empty_graph_module() -> fx.GraphModule:
     """The starting point of a lowering: a graph module with no nodes."""
     return fx.GraphModule(nn.Module(), fx.Graph(), class_name="AdaptedForward")
 
 
-def run_passes(gm: fx.GraphModule, layer: AdaptedLayer, passes: Sequence[Pass], *,
+def run_passes(gm: fx.GraphModule | GraphHolder, layer: AdaptedLayer, passes: Sequence[Pass], *,
                verify: bool = False) -> PassResult:
     """Run `passes` in order on `gm` for `layer`.
 
     Args:
-        gm: the layer's current graph module (or `empty_graph_module()`).
+        gm: the layer's current graph module (or `empty_graph_module()`); a `GraphHolder`
+            is edited in place and only linted, never rebuilt into a GraphModule.
         layer: the adapted layer; passes may read and update its state (merged weights).
         passes: pass instances, run in order.
         verify: also check the graph invariants (`surgeon.passes.verify`) after each pass.
@@ -64,8 +73,9 @@ def run_passes(gm: fx.GraphModule, layer: AdaptedLayer, passes: Sequence[Pass], 
         try:
             result = pass_(gm, layer)
             if result.modified:
-                gm = fx.GraphModule(layer, result.gm.graph, class_name="AdaptedForward")
-                gm.graph.lint()
+                if not isinstance(gm, GraphHolder):
+                    gm = fx.GraphModule(layer, result.gm.graph, class_name="AdaptedForward")
+                result.gm.graph.lint()
             if verify:
                 from surgeon.passes.verify import verify_graph
 

@@ -50,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("surgeon: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `surgeon roles ... | head`: the reader left; that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as error:  # noqa: BLE001 - the one boundary where errors become exit codes
         return _report(error, debug=args.debug)
 

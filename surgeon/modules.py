@@ -61,7 +61,7 @@ from surgeon.methods import get_method
 from surgeon.modules_graph import compile_forward
 from surgeon.passes.insert_adapters import lower_graph, rows_of
 from surgeon.passes.merge import MergePass
-from surgeon.passes.pipeline import Pass, run_passes
+from surgeon.passes.pipeline import GraphHolder, Pass, run_passes
 from surgeon.passes.unmerge import UnmergePass
 from surgeon.site import BASE_KINDS, Site
 
@@ -296,15 +296,21 @@ class AdaptedLayer(nn.Module):
         self.__dict__["_graph"], self.__dict__["_run"] = self._lowered[self.training]
 
     def _transform(self, passes: list[Pass]) -> None:
-        """Run state-changing passes on the current graph; other modes re-lower lazily."""
+        """Run state-changing passes on the current graph (edited in place); other modes
+        re-lower lazily."""
+        if self._graph is None:
+            self.relower()
+        # a graph already wrapped for inspection is edited through its GraphModule (fx's lint
+        # checks new targets against the owning module); otherwise bare, without codegen
+        owned = self._graph.owning_module is not None
         try:
-            gm = run_passes(self.graph_module, self, passes).gm
+            graph = run_passes(self.graph_module if owned else GraphHolder(self._graph), self,
+                               passes).gm.graph
         except BaseException:
             self._invalidate()  # a pass may have merged some adapters before failing
             raise
         self._reset_compiled()
-        self._lowered[self.training] = (gm.graph, compile_forward(gm.graph, self))
-        self.__dict__["_gm"] = gm
+        self._lowered[self.training] = (graph, compile_forward(graph, self))
         self._select()
 
     def train(self, mode: bool = True) -> AdaptedLayer:

@@ -129,6 +129,48 @@ def compile_forward(graph: fx.Graph, layer: nn.Module) -> Callable[..., Any]:
         if node.op in ("get_attr", "call_module"):
             rewrites[node.name] = (_format_target("self", node.target),
                                    _fast_target(layer, node.target))
+    try:
+        key = (_structure(graph), tuple(rewrites.items()))
+        return _BY_STRUCTURE[key]
+    except TypeError:  # an unhashable constant in the graph: no structural sharing
+        key = None
+    except KeyError:
+        pass
+    fn = _compile(graph, rewrites)
+    if key is not None:
+        if len(_BY_STRUCTURE) >= _MAX_CACHED:
+            _BY_STRUCTURE.clear()
+        _BY_STRUCTURE[key] = fn
+    return fn
+
+
+# Functions by graph structure: the layers of a model mostly share one or two structures, so
+# all but the first skip fx's code generation (the bulk of lowering a layer).
+_BY_STRUCTURE: dict[tuple, Callable[..., Any]] = {}
+_MAX_CACHED = 1024
+
+
+def _structure(graph: fx.Graph) -> tuple:
+    """Everything fx's codegen reads from the nodes (names, ops, targets, types, arguments);
+    constants keyed with their type so `2` and `2.0` stay distinct."""
+    return tuple((n.name, n.op, n.target, n.type, _constant(n.args), _constant(n.kwargs))
+                 for n in graph.nodes)
+
+
+def _constant(value: Any) -> Any:
+    if isinstance(value, fx.Node):
+        return ("%", value.name)
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_constant(v) for v in value))
+    if isinstance(value, dict):
+        return (dict, tuple((k, _constant(v)) for k, v in value.items()))
+    if isinstance(value, torch.Tensor):
+        raise TypeError("tensor constants are not shared by structure")
+    return (type(value), repr(value) if isinstance(value, float) else value)
+
+
+def _compile(graph: fx.Graph, rewrites: dict[str, tuple[str, str]]) -> Callable[..., Any]:
+    """fx's generated code with the attribute chains of `rewrites` replaced, exec'd."""
 
     def transform(body: list[str]) -> list[str]:
         out = []

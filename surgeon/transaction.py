@@ -136,12 +136,28 @@ def require_state(model: nn.Module) -> State:
     return state
 
 
+def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """`model.named_modules()` in the same order, without its generator per nesting level
+    (which makes every model-level operation cost depth x modules frames)."""
+    seen: set[int] = set()
+    stack = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield prefix, module
+        children = [(f"{prefix}.{n}" if prefix else n, m)
+                    for n, m in module._modules.items() if m is not None]
+        stack.extend(reversed(children))
+
+
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
-    return ((n, m) for n, m in unwrap(model).named_modules() if isinstance(m, AdaptedLayer))
+    return ((n, m) for n, m in named_modules(unwrap(model)) if isinstance(m, AdaptedLayer))
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
-    return ((n, m) for n, m in unwrap(model).named_modules() if isinstance(m, SavedModule))
+    return ((n, m) for n, m in named_modules(unwrap(model)) if isinstance(m, SavedModule))
 
 
 # --------------------------------------------------------------------------- the planner's view
