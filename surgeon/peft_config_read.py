@@ -95,7 +95,7 @@ def _rules(config: dict, method: str) -> tuple[Rule, ...]:
         rules += rules_from_pattern(get("alpha_pattern"), Alpha)
     if get("modules_to_save"):
         rules.append(Save(tuple(_strings(get("modules_to_save"), "modules_to_save"))))
-    if method == "ia3" and get("feedforward_modules") is None:
+    if method == "ia3" and get("feedforward_modules") is None and get("target_modules") is not None:
         raise ConversionError(
             "`feedforward_modules` is null: PEFT then picks them from its per-architecture table "
             "(by the model's `model_type`), which a spec does not name; list them (or [])")
@@ -109,6 +109,8 @@ def _rules(config: dict, method: str) -> tuple[Rule, ...]:
 
 def _targets(targets, layers, pattern) -> list[Target]:
     restriction = _layers(layers, pattern)
+    if targets is None and restriction is None:
+        return []  # PEFT's per-architecture default; a spec says it with no target rule (roles)
     if targets is None:
         raise ConversionError(
             "`target_modules` is null: PEFT then picks targets from its per-architecture table "

@@ -236,8 +236,8 @@ def _feedforward(adapter: Adapter):
     for rule in adapter.rules_of(Feedforward):
         _no_restrictions(rule.selection, "feedforward")
         atoms += rule.selection.include
-    if not atoms:
-        return []  # none; null would make PEFT pick them from its per-architecture table
+    if not atoms:  # null makes PEFT pick them from its per-architecture table, as targets
+        return None if not adapter.rules_of(Target) else []
     targets = [t for rule in adapter.rules_of(Target) for t in rule.selection.include]
     target_names = [_as_name(t) for t in targets]
     listed = [_endswith_entry(a, target_names) for a in atoms]

@@ -58,11 +58,7 @@ def _adapter(raw: RawAdapter, diags: list[Diagnostic]) -> Adapter:
         ))
     options = check_options(method, raw.options, diags) if known else ()
     rules = tuple(r for r in (_rule(rule, method.value if known else None, diags) for rule in raw.rules) if r)
-    if not any(r.kind in ("target", "tokens") for r in raw.rules):
-        diags.append(error(
-            name.span, f"the adapter '{name.value}' has no 'target' rule, so it adapts nothing",
-            hint="add one, for example: target @attn.q, @attn.v",
-        ))
+    # no target rule: the method's classic placement, by roles (LoRA: @attn.q, @attn.v)
     _check_tokens_once(raw.rules, diags)
     return Adapter(name.value, method.value, options, rules, raw.span)
 

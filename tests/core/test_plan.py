@@ -17,6 +17,7 @@ import surgeon.roles_infer
 from surgeon.lang.spec import (
     Adapter, Alpha, AllLinear, Layers, LayerSlice, Name, Option, Rank, Save, Selection, Span, Spec, Target,
 )
+from surgeon.lang import load_spec
 from surgeon.planner import Plan, PlanError, plan
 from tests.core.test_layers import tiny_models
 
@@ -344,3 +345,23 @@ def test_a_target_inside_a_task_head_is_not_adapted():
     with warnings.catch_warnings(), pytest.raises(ValueError):
         warnings.simplefilter("ignore")
         get_peft_model(copy.deepcopy(model), LoraConfig(target_modules=["classifier"], task_type="SEQ_CLS"))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_spec_without_targets_is_peft_default_placement_both_ways(name):
+    """No `target` rule in the text means the classic placement by roles, and it converts to
+    PEFT's `target_modules: null` (its table default) and back."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraModel
+
+    from surgeon.peft_config import peft_config_from_adapter, spec_from_peft_config
+
+    text = "adapter default = lora(r=8, alpha=16) { }"
+    model = tiny_models()[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = LoraModel(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16), "default").targeted_module_names
+    assert list(plan(text, model).paths()) == want
+    config = peft_config_from_adapter(load_spec(text).adapters[0])
+    assert config["target_modules"] is None
+    assert spec_from_peft_config(config).rules_of(Target) == ()
