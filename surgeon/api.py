@@ -90,9 +90,18 @@ def _layout(model: nn.Module, state: State) -> pf.Layout:
     saved = tuple((n, tuple(m.modules_to_save)) for n, m in saved_modules(host))
     embeddings: tuple[str, ...] = ()
     if callable(getattr(host, "get_input_embeddings", None)) and hasattr(host, "config"):
-        io = [host.get_input_embeddings(), host.get_output_embeddings()]
+        io = _io_embeddings(host)
         embeddings = tuple(n for n, m in adapted_layers(host) if any(m is e for e in io))
     return pf.Layout(adapted, saved, state.names, embeddings)
+
+
+def _io_embeddings(host: nn.Module) -> list[nn.Module]:
+    """The input and output embeddings of a transformers model; composite models (CLIP under
+    transformers 5) raise NotImplementedError for them, which means none to save."""
+    try:
+        return [host.get_input_embeddings(), host.get_output_embeddings()]
+    except NotImplementedError:
+        return []
 
 
 def _config(model: nn.Module, installed) -> dict:
