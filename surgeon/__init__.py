@@ -36,6 +36,7 @@ _EXPORTS = {
     "unload": "surgeon.api",
     "set_adapter": "surgeon.api",
     "disable_adapters": "surgeon.api",
+    "adapter_rows": "surgeon.api",
     "delete_adapter": "surgeon.api",
 }
 

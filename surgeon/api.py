@@ -31,7 +31,7 @@ from surgeon.transaction import (
 from surgeon.lang.spec import Spec
 
 __all__ = [
-    "active_adapters", "apply", "delete_adapter", "disable_adapters", "load_adapter", "merge",
+    "active_adapters", "adapter_rows", "apply", "delete_adapter", "disable_adapters", "load_adapter", "merge",
     "merge_and_unload", "save_pretrained", "set_adapter", "unload", "unmerge",
 ]
 
@@ -264,6 +264,34 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         _enable(model, require_state(model), True)
+
+
+@contextmanager
+def adapter_rows(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
+    """Route batch row i through adapter `adapter_names[i]` ("__base__": none) for every forward
+    inside the block: the mixed-adapter batch for callers that cannot pass `adapter_names=` to
+    `model(...)`, such as `model.generate(...)`. The rows must match the batch the model sees
+    (generate's beams and num_return_sequences multiply it). Eval mode only, as in PEFT.
+    """
+    state = require_state(model)
+    unknown = sorted({n for n in adapter_names if n != "__base__"} - set(state.names))
+    if unknown:
+        raise ValueError(f"unknown adapter(s) in adapter_names: {unknown}; "
+                         f"the model has {list(state.names)} and `__base__`")
+    if unwrap(model).training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    _route_rows(model, list(adapter_names))
+    try:
+        yield model
+    finally:
+        _route_rows(model, None)
+
+
+def _route_rows(model: nn.Module, names: list[str] | None) -> None:
+    for _, layer in adapted_layers(model):
+        layer.adapter_names = names
+    for _, saved in saved_modules(model):
+        saved.adapter_names = names
 
 
 def _enable(model: nn.Module, state: State, enabled: bool) -> None:

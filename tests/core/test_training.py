@@ -77,6 +77,32 @@ def test_generate_matches_peft(tmp_path: Path):
     assert plain.shape == mine.shape
 
 
+def test_generate_with_mixed_adapter_rows_matches_peft(tmp_path: Path):
+    case = CASES["llama"]
+    base = case.build()
+    ours = S.apply(QV + "adapter other = lora(r=2, alpha=8) { target q_proj, k_proj }", copy.deepcopy(base))
+    randomize(ours)
+    S.save_pretrained(ours, tmp_path)
+    ctx = quiet()
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    peft.load_adapter(tmp_path / "other", adapter_name="other")
+    ctx.__exit__(None, None, None)
+    ids = case.inputs()["input_ids"][:1].repeat(3, 1)
+    rows = ["default", "other", "__base__"]
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ours.eval()
+    with torch.no_grad(), S.adapter_rows(ours, rows):
+        mine = ours.generate(input_ids=ids, **kw)
+    with torch.no_grad():
+        theirs = peft.generate(input_ids=ids, adapter_names=rows, **kw)
+        logits = ours(input_ids=ids, adapter_names=rows).logits
+    assert torch.equal(mine, theirs)
+    assert not torch.equal(logits[0], logits[1]) and not torch.equal(logits[1], logits[2])
+    with pytest.raises(ValueError, match="unknown adapter"):
+        with S.adapter_rows(ours, ["nope", "default", "default"]):
+            pass
+
+
 def test_gradient_checkpointing_gives_the_same_grads():
     case = CASES["llama"]
 
