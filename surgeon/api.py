@@ -26,7 +26,7 @@ from torch import nn
 from surgeon import peft_format as pf
 from surgeon.transaction import (
     State, Transaction, activate, adapted_layers, commit, prepare, remove_hooks, rename_adapter,
-    require_state, saved_modules, set_state, unwrap,
+    require_state, route_rows, saved_modules, set_state, token_wrappers, unwrap,
 )
 from surgeon.lang.spec import Spec
 
@@ -92,7 +92,9 @@ def _layout(model: nn.Module, state: State) -> pf.Layout:
     if callable(getattr(host, "get_input_embeddings", None)) and hasattr(host, "config"):
         io = _io_embeddings(host)
         embeddings = tuple(n for n, m in adapted_layers(host) if any(m is e for e in io))
-    return pf.Layout(adapted, saved, state.names, embeddings)
+    tokens = tuple((n, tuple(m.token_adapter.trainable_tokens_delta)) for n, m in token_wrappers(host)
+                   if m.token_adapter.tied is None)
+    return pf.Layout(adapted, saved, state.names, embeddings, tokens)
 
 
 def _io_embeddings(host: nn.Module) -> list[nn.Module]:
@@ -152,6 +154,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     from surgeon.peft_config import spec_from_peft_config
 
     config, tensors = pf.read_checkpoint(path, allow_pickle=allow_pickle)
+    # as PeftModel.from_pretrained: the saved inference_mode (PEFT writes true) yields to the caller
+    config = {**config, "inference_mode": not is_trainable}
     spec = Spec((spec_from_peft_config(config, name=adapter_name),))
     host = unwrap(model)
     prepared = prepare(spec, host)
@@ -217,6 +221,13 @@ def _unwrap_all(model: nn.Module, *, merge_first: bool, adapter_names, safe_merg
     for path, saved in list(saved_modules(host)):
         # PEFT's ModulesToSaveWrapper unloads to the active adapter's copy
         _replace(host, path, saved.current())
+    wanted = require_state(host).active if adapter_names is None else tuple(adapter_names)
+    for path, tokens in list(token_wrappers(host)):
+        # PEFT's TrainableTokensWrapper unloads to its base layer, with the rows merged if asked
+        names = [a for a in wanted if a in tokens.token_adapter.trainable_tokens_delta]
+        if merge_first and names and tokens.token_adapter.tied is None:
+            tokens.token_adapter.merge(names)
+        _replace(host, path, tokens.original_module)
     remove_hooks(host)
     set_state(host, None)
     return model
@@ -273,25 +284,12 @@ def adapter_rows(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.
     `model(...)`, such as `model.generate(...)`. The rows must match the batch the model sees
     (generate's beams and num_return_sequences multiply it). Eval mode only, as in PEFT.
     """
-    state = require_state(model)
-    unknown = sorted({n for n in adapter_names if n != "__base__"} - set(state.names))
-    if unknown:
-        raise ValueError(f"unknown adapter(s) in adapter_names: {unknown}; "
-                         f"the model has {list(state.names)} and `__base__`")
-    if unwrap(model).training:
-        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-    _route_rows(model, list(adapter_names))
+    require_state(model)
+    route_rows(unwrap(model), list(adapter_names))
     try:
         yield model
     finally:
-        _route_rows(model, None)
-
-
-def _route_rows(model: nn.Module, names: list[str] | None) -> None:
-    for _, layer in adapted_layers(model):
-        layer.adapter_names = names
-    for _, saved in saved_modules(model):
-        saved.adapter_names = names
+        route_rows(unwrap(model), None)
 
 
 def _enable(model: nn.Module, state: State, enabled: bool) -> None:
@@ -299,6 +297,8 @@ def _enable(model: nn.Module, state: State, enabled: bool) -> None:
         layer.enable_adapters(enabled)
     for _, saved in saved_modules(model):
         saved.disabled = not enabled
+    for _, tokens in token_wrappers(model):
+        tokens.disabled = not enabled
     new = State(state.adapters, state.active, not enabled)
     set_state(model, new)
     if enabled:
@@ -306,6 +306,8 @@ def _enable(model: nn.Module, state: State, enabled: bool) -> None:
     else:
         for _, saved in saved_modules(model):
             saved.modules_to_save.requires_grad_(False)
+        for _, tokens in token_wrappers(model):
+            tokens.token_adapter.trainable_tokens_delta.requires_grad_(False)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -326,4 +328,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for _, saved in saved_modules(model):
         if name in saved.modules_to_save:
             del saved.modules_to_save[name]
+    for _, tokens in token_wrappers(model):
+        tokens.token_adapter.remove(name)
     set_state(model, new)

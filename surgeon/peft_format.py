@@ -33,6 +33,7 @@ README_NAME = "README.md"
 DEFAULT = "default"
 
 # In-memory children of a saved-module wrapper (PEFT's ModulesToSaveWrapper names).
+TOKENS = "token_adapter.trainable_tokens_delta"  # a token wrapper's rows, per adapter
 ORIGINAL = "original_module"
 COPIES = "modules_to_save"
 _DORA = "lora_magnitude_vector"
@@ -48,6 +49,7 @@ class Layout:
     saved: tuple[tuple[str, tuple[str, ...]], ...]  # (wrapper path, adapters that have a copy there)
     adapters: tuple[str, ...]  # every adapter name in the model
     embeddings: tuple[str, ...] = ()  # adapted paths that are the host's input/output embeddings
+    tokens: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (token wrapper path, adapters with rows)
 
 
 class CheckpointError(ValueError):
@@ -144,6 +146,13 @@ def _saved_keys(state_dict, layout: Layout, adapter: str) -> dict[str, str]:
     return out
 
 
+def _token_keys(state_dict, layout: Layout, adapter: str) -> list[str]:
+    """Model keys of `adapter`'s trainable token rows (PEFT's TrainableTokensWrapper saves only
+    `<path>.token_adapter.trainable_tokens_delta`; a tied wrapper is not listed in the layout)."""
+    keys = [f"{path}.{TOKENS}.{adapter}" for path, owners in layout.tokens if adapter in owners]
+    return [k for k in keys if k in state_dict]
+
+
 def adapter_state_dict(state_dict: dict[str, torch.Tensor], layout: Layout, adapter: str,
                        config: dict) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of `adapter` (its PEFT `config` dict decides biases and embeddings).
@@ -156,6 +165,7 @@ def adapter_state_dict(state_dict: dict[str, torch.Tensor], layout: Layout, adap
     chosen = {k: kept[k] for k in _adapter_keys(kept, layout, None)}
     chosen.update({k: kept[k] for k in _bias_keys(kept, layout, config.get("bias", "none"))})
     chosen.update({k: kept[k] for k in _embedding_keys(kept, layout, config)})
+    chosen.update({k: kept[k] for k in _token_keys(kept, layout, adapter)})
     out = {checkpoint_key(k, adapter): v for k, v in chosen.items()}
     for rel, key in _saved_keys(kept, layout, adapter).items():
         out[PREFIX + strip_adapter_name(rel, adapter)] = kept[key]
@@ -166,6 +176,7 @@ def load_key_map(state_dict: dict[str, torch.Tensor], layout: Layout, adapter: s
     """Checkpoint key -> model key for everything `adapter` expects to find in its checkpoint."""
     mapping = {checkpoint_key(k, adapter): k for k in _adapter_keys(state_dict, layout, adapter)}
     mapping.update({PREFIX + rel: key for rel, key in _saved_keys(state_dict, layout, adapter).items()})
+    mapping.update({checkpoint_key(k, adapter): k for k in _token_keys(state_dict, layout, adapter)})
     return mapping
 
 

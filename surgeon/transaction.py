@@ -31,6 +31,7 @@ from surgeon.lang.spec import Adapter, Spec
 from surgeon.modules import AdaptedLayer
 from surgeon.site import Site
 from surgeon.select import PlanError
+from surgeon.tokens import TokenAdapter, TokenWrapper, tied_output
 
 STATE_ATTR = "surgeon_state"
 ROUTED_ATTR = "surgeon_rows_routed"  # set on the root while a mixed batch's rows are routed
@@ -94,6 +95,7 @@ class Installed:
     sites: tuple[Site, ...]  # its adapted modules
     save: tuple[str, ...] = ()  # modules saved whole (modules_to_save), by path
     trainable: bool = True  # False: loaded for inference (PEFT's is_trainable=False)
+    tokens: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (embedding path, trainable rows)
 
     @property
     def name(self) -> str:
@@ -160,6 +162,10 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
     return ((n, m) for n, m in named_modules(unwrap(model)) if isinstance(m, SavedModule))
 
 
+def token_wrappers(model: nn.Module) -> Iterator[tuple[str, TokenWrapper]]:
+    return ((n, m) for n, m in named_modules(unwrap(model)) if isinstance(m, TokenWrapper))
+
+
 # --------------------------------------------------------------------------- the planner's view
 
 
@@ -169,7 +175,8 @@ def base_view(model: nn.Module) -> nn.Module:
     Ancestors of adapted layers and saved modules are shallow copies (sharing parameters) whose
     children are the base layers and original modules; everything else is the model's own object.
     """
-    wrapped = {n for n, m in model.named_modules() if isinstance(m, (AdaptedLayer, SavedModule))}
+    wrapped = {n for n, m in model.named_modules()
+               if isinstance(m, (AdaptedLayer, SavedModule, TokenWrapper))}
     if not wrapped:
         return model
     ancestors = {".".join(p.split(".")[:i]) for p in wrapped for i in range(p.count(".") + 1)}
@@ -177,7 +184,7 @@ def base_view(model: nn.Module) -> nn.Module:
     def view(module: nn.Module, path: str) -> nn.Module:
         if isinstance(module, AdaptedLayer):
             return module.base_layer
-        if isinstance(module, SavedModule):
+        if isinstance(module, (SavedModule, TokenWrapper)):
             return module.original_module
         if path not in ancestors:
             return module
@@ -239,6 +246,8 @@ class Prepared:
     added_sites: list[tuple[AdaptedLayer, Site]]  # sites for layers the model already has
     new_saved: dict[str, SavedModule]  # path -> a wrapper to swap in
     added_copies: list[tuple[SavedModule, str, nn.Module]]  # (existing wrapper, adapter, copy)
+    new_tokens: dict[str, TokenWrapper] = dataclasses.field(default_factory=dict)  # incl. tied ones
+    added_tokens: list[tuple[TokenAdapter, str, tuple[int, ...]]] = dataclasses.field(default_factory=list)
 
 
 def rename_adapter(spec: Spec, adapter_name: str | None) -> Spec:
@@ -270,14 +279,13 @@ def prepare(spec: Spec, model: nn.Module, *, example_inputs=None) -> Prepared:
     the_plan = make_plan(spec, base_view(model), example_inputs=example_inputs)
     prepared = Prepared((), {}, [], {}, [])
     for ap in the_plan.adapters:
-        if ap.tokens:
-            raise NotImplementedError(f"adapter `{ap.name}`: `tokens` (trainable_token_indices) is "
-                                      "planned and converted but not applied yet")
-        prepared.adapters += (Installed(ap.adapter, ap.sites, ap.save),)
+        prepared.adapters += (Installed(ap.adapter, ap.sites, ap.save, tokens=ap.tokens),)
         for site in ap.sites:
             _prepare_site(model, site, prepared)
         for path in ap.save:
             _prepare_saved(model, path, ap.name, prepared)
+        for path, indices in ap.tokens:
+            _prepare_tokens(model, path, ap.name, indices, prepared)
     return prepared
 
 
@@ -293,6 +301,8 @@ def _prepare_site(model: nn.Module, site: Site, prepared: Prepared) -> None:
         prepared.added_sites.append((module, site))
     elif isinstance(module, SavedModule):
         raise PlanError(f"`{site.path}` is saved whole by another adapter; it cannot also be adapted")
+    elif isinstance(module, TokenWrapper) or site.path in prepared.new_tokens:
+        raise PlanError(f"`{site.path}` has trainable tokens; it cannot also be adapted")
     else:
         prepared.new_layers[site.path] = AdaptedLayer(module, site)
 
@@ -307,10 +317,27 @@ def _prepare_saved(model: nn.Module, path: str, adapter: str, prepared: Prepared
         prepared.added_copies.append((module, adapter, copy.deepcopy(module.original_module)))
     elif isinstance(module, AdaptedLayer):
         raise PlanError(f"`{path}` is adapted by another adapter; it cannot also be saved whole")
+    elif isinstance(module, TokenWrapper):
+        raise PlanError(f"`{path}` has trainable tokens; it cannot also be saved whole")
     else:
         wrapper = SavedModule(module)
         wrapper.modules_to_save[adapter] = copy.deepcopy(module)
         prepared.new_saved[path] = wrapper
+
+
+def _prepare_tokens(model: nn.Module, path: str, adapter: str, indices: tuple[int, ...],
+                    prepared: Prepared) -> None:
+    """A TokenWrapper for `path` (plus a tied one on a tied output embedding), or new rows."""
+    module = prepared.new_tokens.get(path) or model.get_submodule(path)
+    if isinstance(module, TokenWrapper) and path not in prepared.new_tokens:
+        return prepared.added_tokens.append((module.token_adapter, adapter, indices))
+    if isinstance(module, (AdaptedLayer, SavedModule)) or path in prepared.new_layers:
+        raise PlanError(f"`{path}` is adapted or saved by another adapter; it cannot have trainable tokens")
+    if path not in prepared.new_tokens:
+        wrapper = prepared.new_tokens[path] = TokenWrapper(module)
+        if (tied := tied_output(model, module)) is not None:
+            prepared.new_tokens[tied] = TokenWrapper(model.get_submodule(tied), wrapper.token_adapter)
+    prepared.new_tokens[path].token_adapter.add(adapter, indices)  # a tied one adds nothing
 
 
 def commit(model: nn.Module, prepared: Prepared, tx: Transaction, *, trainable: bool = True) -> State:
@@ -324,6 +351,10 @@ def commit(model: nn.Module, prepared: Prepared, tx: Transaction, *, trainable: 
     for wrapper, name, module in prepared.added_copies:
         tx.do(lambda w=wrapper, n=name, m=module: w.modules_to_save.__setitem__(n, m),
               lambda w=wrapper, n=name: w.modules_to_save.__delitem__(n))
+    for path, tokens in prepared.new_tokens.items():
+        tx.swap(path, tokens)
+    for layer, name, indices in prepared.added_tokens:
+        tx.do(lambda l=layer, n=name, i=indices: l.add(n, i), lambda l=layer, n=name: l.remove(n))
     old = state_of(model)
     added = tuple(dataclasses.replace(a, trainable=trainable) for a in prepared.adapters)
     active = old.active if old else (added[0].name,)
@@ -362,6 +393,12 @@ def activate(model: nn.Module, state: State, tx: Transaction | None = None) -> N
             saved.active = present[0] if present else None
         for name, copy_ in saved.modules_to_save.items():
             copy_.requires_grad_(name == saved.active and state.get(name).trainable)
+    for _, tokens in token_wrappers(model):
+        before, tokens.active = tokens.active, tokens.choose(want)  # PEFT: one adapter's rows
+        if tx is not None:
+            tx.do(lambda: None, lambda t=tokens, b=before: setattr(t, "active", b))
+        for name, delta in tokens.token_adapter.trainable_tokens_delta.items():
+            delta.requires_grad_(name == tokens.active and state.get(name).trainable)
 
 
 def _freeze_inference(layer: AdaptedLayer, state: State) -> None:
@@ -379,6 +416,8 @@ def freeze_base(model: nn.Module, state: State) -> None:
             keep.update(id(p) for p in layer.adapter_parameters(name))
     for _, saved in saved_modules(model):
         keep.update(id(p) for p in saved.modules_to_save.parameters())
+    for _, tokens in token_wrappers(model):
+        keep.update(id(p) for p in tokens.token_adapter.trainable_tokens_delta.parameters())
     for p in unwrap(model).parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
@@ -404,15 +443,8 @@ def _take_adapter_names(module: nn.Module, args, kwargs):
     names = kwargs.pop("adapter_names", None)
     if names is None:
         return None
-    state = state_of(module)
-    if module.training:
-        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-    unknown = sorted({n for n in names if n != BASE} - set(state.names if state else ()))
-    if unknown:
-        raise ValueError(f"unknown adapter(s) in adapter_names: {unknown}; "
-                         f"the model has {list(state.names if state else ())} and `{BASE}`")
+    route_rows(module, list(names))
     setattr(module, ROUTED_ATTR, True)
-    _set_rows(module, list(names))
     return args, kwargs
 
 
@@ -421,14 +453,20 @@ def _clear_adapter_names(module: nn.Module, args, kwargs, output):
     # call (decode) pays one attribute read, not a traversal of every submodule.
     if getattr(module, ROUTED_ATTR, False):
         setattr(module, ROUTED_ATTR, False)
-        _set_rows(module, None)
+        route_rows(module, None)
 
 
-def _set_rows(module: nn.Module, names: list[str] | None) -> None:
-    for _, layer in adapted_layers(module):
-        layer.adapter_names = names
-    for _, saved in saved_modules(module):
-        saved.adapter_names = names
+def route_rows(module: nn.Module, names: list[str] | None) -> None:
+    """Row i of every following forward uses adapter `names[i]` (None: back to the active set)."""
+    if names is not None:
+        state = state_of(module)
+        if module.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        known = list(state.names if state else ())
+        if unknown := sorted(set(names) - {BASE, *known}):
+            raise ValueError(f"unknown adapter(s) in adapter_names: {unknown}; has {known}, `{BASE}`")
+    for _, routed in (*adapted_layers(module), *saved_modules(module), *token_wrappers(module)):
+        routed.adapter_names = names
 
 
 def install_hooks(model: nn.Module, tx: Transaction | None = None) -> None:

@@ -159,3 +159,14 @@ def test_inductor_compiles_an_adapted_mlp():
     compiled = torch.compile(model)
     with torch.no_grad():
         assert max_diff(compiled(**case.inputs()), model(**case.inputs())) <= 1e-5
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_loaded_adapter_trains_only_when_asked_like_peft(tmp_path: Path, is_trainable: bool):
+    case = CASES["llama"]
+    ours, peft = _twins(case.build, QV, tmp_path, trainable=is_trainable)
+    loaded = S.load_adapter(case.build(), tmp_path, is_trainable=is_trainable)
+    mine = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    theirs = {n.removeprefix("base_model.model.") for n, p in peft.named_parameters() if p.requires_grad}
+    assert mine == theirs
+    assert bool(mine) == is_trainable
