@@ -54,9 +54,8 @@ def test_an_empty_adapter_writes_peft_defaults(method):
     expected = peft_defaults(method)
     expected.pop("peft_version")
     written.pop("peft_version")
-    if method == "ia3":  # no feedforward rule means none, not PEFT's per-architecture table
-        assert written.pop("feedforward_modules") == []
-        expected.pop("feedforward_modules")
+    # no target rule (and, for IA3, no feedforward rule): PEFT's per-architecture default, i.e. null
+    assert written["target_modules"] is None
     for key, value in REQUIRED.get(method, {}).items():
         written[key] = value
     assert written == expected
@@ -65,3 +64,10 @@ def test_an_empty_adapter_writes_peft_defaults(method):
 def test_same_value_tells_bools_from_ints():
     assert not same_value(True, 1) and same_value(8, 8.0) and same_value((1, True), (1, True))
     assert not same_value((1,), (True,)) and not same_value("8", 8)
+
+
+def test_ia3_targets_without_feedforward_write_none_not_the_table():
+    from surgeon.lang.spec import Name, Selection, Target
+
+    adapter = Adapter("default", "ia3", rules=(Target(Selection((Name("k"),))),))
+    assert peft_config_from_adapter(adapter)["feedforward_modules"] == []
