@@ -20,7 +20,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/surgeon check examples/*.peft
 	$(BIN)/surgeon plan examples/lora_qv.peft --model tiny:llama
-	$(BIN)/surgeon apply examples/lora_qv.peft --model tiny:llama -o out/lora_qv
+	$(BIN)/surgeon apply examples/lora_qv.peft --model tiny:llama -o out/lora_qv --force
 	@echo "PEFT checkpoint: out/lora_qv (adapter_config.json + adapter_model.safetensors)"
 	@ls -l out/lora_qv
 

@@ -273,6 +273,7 @@ def write_checkpoint(path: str | os.PathLike, adapters: dict[str, tuple[dict, di
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is an ordinary folder
         (tmp / README_NAME).write_text(readme)
         for name, (config, tensors) in adapters.items():
             _write_adapter(adapter_dir(tmp, name), config, tensors)
@@ -285,6 +286,12 @@ def write_checkpoint(path: str | os.PathLike, adapters: dict[str, tuple[dict, di
             os.replace(src, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def model_card(adapters: dict[str, dict]) -> str:
