@@ -9,7 +9,8 @@ once to the weight's dtype, written in place (so tied weights follow, as in PEFT
 is appended to `layer.merged_adapters`. No branch remains in the graph: like PEFT, a layer with
 merged adapters runs its (merged) base layer alone, even if other adapters are active.
 With `safe_merge`, a non-finite result raises ValueError before anything is written.
-`modified` is True iff a weight was written or a node removed.
+`modified` is True iff a weight was written or a node removed. With `edit_graph=False` only
+the weights are written (the layer then takes the graph for its new state from its cache).
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ class MergePass:
     name: ClassVar[str] = "merge"
     adapters: tuple[str, ...] | None = None
     safe_merge: bool = False  # check the merged weights are finite before writing them
+    edit_graph: bool = True  # False: fold the weights only, leave the graph as it is
 
     def __call__(self, gm: fx.GraphModule, layer: AdaptedLayer) -> PassResult:
         names = layer.active_adapters if self.adapters is None else self.adapters
         todo = [a for a in names if a in layer.sites and a not in layer.merged_adapters]
         for adapter in todo:
             fold_adapter(layer, adapter, self.safe_merge)
+        if not self.edit_graph:
+            return PassResult(gm, bool(todo))
         # PEFT runs the base layer alone while any adapter is merged: drop every other branch
         removed = remove_branches(gm.graph, set(layer.sites) - set(layer.lowered_adapters()))
         return PassResult(gm, bool(todo) or removed)

@@ -53,7 +53,7 @@ def empty_graph_module() -> fx.GraphModule:
 
 
 def run_passes(gm: fx.GraphModule | GraphHolder, layer: AdaptedLayer, passes: Sequence[Pass], *,
-               verify: bool = False) -> PassResult:
+               verify: bool = False, lint: bool = True) -> PassResult:
     """Run `passes` in order on `gm` for `layer`.
 
     Args:
@@ -62,6 +62,7 @@ def run_passes(gm: fx.GraphModule | GraphHolder, layer: AdaptedLayer, passes: Se
         layer: the adapted layer; passes may read and update its state (merged weights).
         passes: pass instances, run in order.
         verify: also check the graph invariants (`surgeon.passes.verify`) after each pass.
+        lint: lint a modified graph (off for weight-only runs that leave the graph alone).
 
     Returns:
         The final graph module, and whether any pass changed anything.
@@ -75,7 +76,8 @@ def run_passes(gm: fx.GraphModule | GraphHolder, layer: AdaptedLayer, passes: Se
             if result.modified:
                 if not isinstance(gm, GraphHolder):
                     gm = fx.GraphModule(layer, result.gm.graph, class_name="AdaptedForward")
-                result.gm.graph.lint()
+                if lint:
+                    result.gm.graph.lint()
             if verify:
                 from surgeon.passes.verify import verify_graph
 

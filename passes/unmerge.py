@@ -6,7 +6,10 @@ Preconditions: `layer.merged_adapters` lists the adapters folded into the base w
 Postconditions: the adapters are unfolded newest first (PEFT unmerges all of them, popping),
 each in at least fp32 and cast once, written in place; `layer.merged_adapters` is empty. If
 anything was unfolded, the branches are rebuilt so the graph runs the layer's lowered adapters
-(active and enabled) in their active order. `modified` is True iff a weight was written.
+(active and enabled) in their active order; the branches are also rebuilt when nothing is
+merged but the graph's branches differ from those (the graph half of an unmerge whose weights
+were unfolded with `edit_graph=False`). `modified` is True iff a weight was written or the
+branches were rebuilt.
 """
 
 from __future__ import annotations
@@ -32,16 +35,21 @@ class UnmergePass:
     """Unmerge all merged adapters of the layer."""
 
     name: ClassVar[str] = "unmerge"
+    edit_graph: bool = True  # False: unfold the weights only, leave the graph as it is
 
     def __call__(self, gm: fx.GraphModule, layer: AdaptedLayer) -> PassResult:
-        if not layer.merged_adapters:
-            return PassResult(gm, False)
+        unfolded = bool(layer.merged_adapters)
         while layer.merged_adapters:
             unfold_adapter(layer, layer.merged_adapters[-1])
             layer.merged_adapters.pop()
+        if not self.edit_graph:
+            return PassResult(gm, unfolded)
+        graph = gm.graph
+        if not unfolded and (not graph.nodes or list(result_nodes(graph)) == layer.lowered_adapters()):
+            return PassResult(gm, False)
         # re-insert all branches so they run in active order, as PEFT's forward loop does
-        remove_branches(gm.graph, set(result_nodes(gm.graph)))
-        insert_branches(gm.graph, layer, layer.lowered_adapters(), self.name)
+        remove_branches(graph, set(result_nodes(graph)))
+        insert_branches(graph, layer, layer.lowered_adapters(), self.name)
         return PassResult(gm, True)
 
 

@@ -11,9 +11,10 @@ in-memory containers, so `state_dict()` keys equal a PEFT `LoraLayer`'s:
 Its forward is a torch.fx graph built by the passes in `surgeon.passes` (insert-adapters,
 merge, unmerge): the base call and one branch per active adapter, compiled to plain functional
 calls on the parameters. As in PEFT, a layer with any merged adapter, or with adapters
-disabled, runs its base layer alone. The graph is rebuilt only when the adapters, the active
-set, the merge state, enabling, the train/eval mode or the parameter dtypes change, never per
-call (train and eval graphs are both kept: eval drops dropout, training recomputes DoRA norms).
+disabled, runs its base layer alone. Compiled graphs are kept per (train/eval mode, lowered
+adapters): eval drops dropout, training recomputes DoRA norms, and a merge / unmerge cycle
+only writes weights once both of its graphs exist. They are dropped when the adapters, the
+active set, enabling or the parameter dtypes change; never rebuilt per call.
 
 API (all methods act on this layer only; the model-level helper calls them on every layer):
     AdaptedLayer(base_layer, site)               wrap `base_layer` with `site.adapter`, active
@@ -49,6 +50,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -58,10 +60,10 @@ import torch
 from torch import fx, nn
 
 from surgeon.methods import get_method
-from surgeon.modules_graph import compile_forward
+from surgeon.modules_graph import compile_forward, copy_graph
 from surgeon.passes.insert_adapters import lower_graph, rows_of
 from surgeon.passes.merge import MergePass
-from surgeon.passes.pipeline import GraphHolder, Pass, run_passes
+from surgeon.passes.pipeline import GraphHolder, run_passes
 from surgeon.passes.unmerge import UnmergePass
 from surgeon.site import BASE_KINDS, Site
 
@@ -288,29 +290,38 @@ class AdaptedLayer(nn.Module):
         self._reset_compiled()
         self._select()
 
-    def _select(self) -> None:
-        """Use the graph for the current mode, lowering it from scratch if needed."""
-        if self.training not in self._lowered:
-            graph = lower_graph(self)
-            self._lowered[self.training] = (graph, compile_forward(graph, self))
-        self.__dict__["_graph"], self.__dict__["_run"] = self._lowered[self.training]
+    def _key(self) -> tuple[bool, tuple[str, ...]]:
+        """What the whole-batch graph depends on, besides changes that invalidate it."""
+        return self.training, tuple(self.lowered_adapters())
 
-    def _transform(self, passes: list[Pass]) -> None:
-        """Run state-changing passes on the current graph (edited in place); other modes
-        re-lower lazily."""
+    def _select(self) -> None:
+        """Use the graph for the current state, lowering it from scratch if needed."""
+        key = self._key()
+        if key not in self._lowered:
+            graph = lower_graph(self)
+            self._lowered[key] = (graph, compile_forward(graph, self), False)
+        self.__dict__["_graph"], self.__dict__["_run"], _ = self._lowered[key]
+
+    def _transform(self, passes: list[MergePass | UnmergePass]) -> None:
+        """Run state-changing passes: the weights first; then, unless the graph for the new
+        state is cached, the graph edits on a copy of the current graph. Graphs built by these
+        passes stay cached; a graph lowered from scratch is replaced by the pass-built one (so
+        provenance after an unmerge names the unmerge pass, as when editing in place)."""
         if self._graph is None:
             self.relower()
-        # a graph already wrapped for inspection is edited through its GraphModule (fx's lint
-        # checks new targets against the owning module); otherwise bare, without codegen
-        owned = self._graph.owning_module is not None
+        current, before = self._graph, self._key()
         try:
-            graph = run_passes(self.graph_module if owned else GraphHolder(self._graph), self,
-                               passes).gm.graph
+            run_passes(GraphHolder(current), self,
+                       [dataclasses.replace(p, edit_graph=False) for p in passes], lint=False)
+            key = self._key()
+            if key not in self._lowered:
+                graph = run_passes(GraphHolder(copy_graph(current)), self, passes).gm.graph
+                if not self._lowered.get(before, (None, None, True))[2]:
+                    del self._lowered[before]
+                self._lowered[key] = (graph, compile_forward(graph, self), True)
         except BaseException:
             self._invalidate()  # a pass may have merged some adapters before failing
             raise
-        self._reset_compiled()
-        self._lowered[self.training] = (graph, compile_forward(graph, self))
         self._select()
 
     def train(self, mode: bool = True) -> AdaptedLayer:

@@ -211,6 +211,16 @@ def node_summary(gm: fx.GraphModule) -> list[tuple[str, str, dict[str, Any]]]:
     return [(n.name, n.op, tag(n)) for n in gm.graph.nodes]
 
 
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of `graph` with its own node tags, to edit while the original stays in use."""
+    new = fx.Graph()
+    new.output(new.graph_copy(graph, {}))
+    for node in new.nodes:
+        if META in node.meta:
+            node.meta[META] = dict(node.meta[META])
+    return new
+
+
 def result_nodes(graph: fx.Graph) -> dict[str, fx.Node]:
     """Each adapter's branch result node, by adapter name."""
     return {tag(n)["adapter"]: n for n in graph.nodes if tag(n).get("role") == "result"}

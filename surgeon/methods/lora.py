@@ -148,7 +148,7 @@ def delta_out_major(layer: AdaptedLayer, adapter: str) -> torch.Tensor:
     """`scaling * B @ A` in fp32 (at least), out-major."""
     b, a = factors(layer, adapter)
     dtype = torch.promote_types(b.dtype, torch.float32)
-    return (b.detach().to(dtype) @ a.detach().to(dtype)) * layer.sites[adapter].scaling
+    return (b.detach().to(dtype) @ a.detach().to(dtype)).mul_(layer.sites[adapter].scaling)
 
 
 class Lora:
@@ -214,13 +214,14 @@ class Lora:
         delta = delta_out_major(layer, adapter)
         if adapter in layer.lora_magnitude_vector:
             return lora_dora.fold(layer, adapter, weight, unmerged, delta)
-        return weight + delta
+        # `delta` is ours: the sum goes into it (bitwise `weight + delta`, one buffer fewer)
+        return delta.add_(weight) if delta.dtype == weight.dtype else weight + delta
 
     def unfold(self, layer: AdaptedLayer, adapter: str, weight: torch.Tensor) -> torch.Tensor:
         delta = delta_out_major(layer, adapter)
         if adapter in layer.lora_magnitude_vector:
             return lora_dora.unfold(layer, adapter, weight, delta)
-        return weight - delta
+        return torch.sub(weight, delta, out=delta) if delta.dtype == weight.dtype else weight - delta
 
     def clear_caches(self, layer: AdaptedLayer) -> None:
         for magnitude in layer.lora_magnitude_vector.values():

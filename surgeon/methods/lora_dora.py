@@ -148,10 +148,12 @@ def fold(layer: AdaptedLayer, adapter: str, weight: torch.Tensor, unmerged: torc
          delta: torch.Tensor) -> torch.Tensor:
     """`m / ||W0 + dW|| * (W + dW)` with `W0` the weight without any merged adapter (PEFT)."""
     mag = layer.lora_magnitude_vector[adapter]
-    norm = torch.linalg.vector_norm(unmerged + delta, dim=1)
+    summed = weight + delta
+    # with nothing merged yet `unmerged` is `weight`: its sum is the one computed above
+    norm = torch.linalg.vector_norm(summed if unmerged is weight else unmerged + delta, dim=1)
     mag.merge_norm = norm
     factor = mag.weight.detach().to(norm.dtype).flatten() / norm
-    return factor[:, None] * (weight + delta)
+    return summed.mul_(factor[:, None]) if summed.dtype == factor.dtype else factor[:, None] * summed
 
 
 def unfold(layer: AdaptedLayer, adapter: str, weight: torch.Tensor,
@@ -162,4 +164,5 @@ def unfold(layer: AdaptedLayer, adapter: str, weight: torch.Tensor,
         raise RuntimeError(f"Cannot unmerge DoRA adapter `{adapter}`: the weight norm from merge "
                            "time is not available (was the layer copied or loaded merged?).")
     factor = mag.weight.detach().to(mag.merge_norm.dtype).flatten() / mag.merge_norm
-    return weight / factor[:, None] - delta
+    restored = weight / factor[:, None]
+    return restored.sub_(delta) if restored.dtype == delta.dtype else restored - delta
