@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.mixed_rows import run_rows
+
 
 class TokenAdapter(nn.Module):
     """PEFT's TrainableTokensLayer: per-adapter replacement rows of `base_layer.weight`."""
@@ -109,13 +111,8 @@ class TokenWrapper(nn.Module):
         names = self.adapter_names
         if names is None or self.disabled:
             return self.token_adapter(x, self._running())
-        out = [None] * len(names)
-        for name in dict.fromkeys(names):
-            rows = [i for i, n in enumerate(names) if n == name]
-            use = [name] if name in self.token_adapter.trainable_tokens_delta else []
-            for i, y in zip(rows, self.token_adapter(x[rows], use)):
-                out[i] = y
-        return torch.stack(out)
+        deltas = self.token_adapter.trainable_tokens_delta
+        return run_rows(x, names, lambda name, rows: self.token_adapter(rows, [name] if name in deltas else []))
 
     def __getattr__(self, name: str):
         try:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from surgeon.lang.spec import Adapter, Spec
+from surgeon.mixed_rows import run_rows
 from surgeon.modules import AdaptedLayer
 from surgeon.site import Site
 from surgeon.select import PlanError
@@ -65,14 +66,9 @@ class SavedModule(nn.Module):
         names = self.adapter_names
         if names is None or self.disabled:
             return self.current()(*args, **kwargs)
-        x, rest = args[0], args[1:]
-        out = [None] * len(names)
-        for name in dict.fromkeys(names):
-            rows = [i for i, n in enumerate(names) if n == name]
-            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-            for i, y in zip(rows, module(x[rows], *rest, **kwargs)):
-                out[i] = y
-        return torch.stack(out)
+        saved, original = self.modules_to_save, self.original_module
+        return run_rows(args[0], names, lambda name, rows: (saved[name] if name in saved else original)(
+            rows, *args[1:], **kwargs))
 
     def __getattr__(self, name: str):
         try:
