@@ -1,11 +1,15 @@
 """Rewrite passes over adapted layers' forward graphs, one per file, by CLI name.
 
+Passes only rewrite graphs (weights are written by `surgeon.runtime.fold`), and they stand on
+the graph IR alone: `surgeon.runtime.graph` (Builder, tags, `LayerView`),
+`surgeon.runtime.base_kinds` and `surgeon.runtime.method.MethodLayer`, never the adapted layer.
+
 Importable as `surgeon.passes`. Passes are looked up lazily so importing the registry is cheap.
 
 Example:
     >>> from surgeon.passes import get_pass
-    >>> get_pass("merge")(safe_merge=True)
-    MergePass(adapters=None, safe_merge=True)
+    >>> get_pass("insert-adapters")(mixed=True)
+    InsertAdaptersPass(adapters=None, mixed=True)
 """
 
 from __future__ import annotations

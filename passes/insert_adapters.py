@@ -4,10 +4,10 @@ Preconditions: `gm.graph` is empty, or was built by this pass for `layer` (possi
 `merge` / `unmerge`); every requested adapter exists on `layer`.
 
 Postconditions: the graph computes `base_layer(x)` (inlined as a functional call when exactly
-equivalent, see `surgeon.modules_base`), followed by one branch per requested adapter that was
+equivalent, see `surgeon.runtime.base_kinds`), followed by one branch per requested adapter that was
 not in the graph yet, appended in the requested order. Each branch ends in a "result" node
 `add(prev, ...)`; a final "epilogue" `type_as` restores the base output dtype when an adapter's
-dtype differs from the base weight's. Every inserted node is tagged (`surgeon.modules_graph`).
+dtype differs from the base weight's. Every inserted node is tagged (`surgeon.runtime.graph`).
 With `mixed=True`, each branch reads a `rows_<adapter>` placeholder (the batch rows using that
 adapter) and adds its output at those rows only. `modified` is True iff a node was added.
 """
@@ -17,15 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
+from surgeon.passes.pipeline import GraphHolder, PassResult, run_passes
 from torch import fx
 
-from surgeon.modules_base import emit_base
-from surgeon.modules_graph import META, Builder, result_nodes, tag
-from surgeon.passes.pipeline import GraphHolder, PassResult
+from surgeon.runtime.base_kinds import emit_base
+from surgeon.runtime.graph import META, Builder, result_nodes, tag
 
 if TYPE_CHECKING:
-    from surgeon.modules import AdaptedLayer
+    from surgeon.runtime.method import MethodLayer
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +35,7 @@ class InsertAdaptersPass:
     adapters: tuple[str, ...] | None = None  # default: the layer's lowered (active, unmerged) ones
     mixed: bool = False  # branches serve only their rows of a mixed-adapter batch
 
-    def __call__(self, gm: fx.GraphModule, layer: AdaptedLayer) -> PassResult:
+    def __call__(self, gm: fx.GraphModule, layer: MethodLayer) -> PassResult:
         graph = gm.graph
         built = not graph.nodes
         if built:
@@ -46,13 +45,15 @@ class InsertAdaptersPass:
         return PassResult(gm, built or inserted)
 
 
-def lower_graph(layer: AdaptedLayer, adapters: tuple[str, ...] | None = None, *,
+def lower_graph(layer: MethodLayer, adapters: tuple[str, ...] | None = None, *,
                 mixed: bool = False) -> fx.Graph:
-    """This pass on an empty graph, without a GraphModule (the layer compiles the graph
-    itself with `compile_forward`), so building one per layer stays cheap."""
+    """A layer's forward graph from scratch: this pass on an empty graph, run by the pipeline.
+
+    The pipeline gets a `GraphHolder`, not a GraphModule: the layer compiles the graph itself
+    (`compile_forward`), so lowering one layer skips GraphModule's codegen.
+    """
     graph = fx.Graph()
-    InsertAdaptersPass(adapters, mixed)(GraphHolder(graph), layer)
-    graph.lint()
+    run_passes(GraphHolder(graph), layer, [InsertAdaptersPass(adapters, mixed)])
     return graph
 
 
@@ -60,7 +61,7 @@ def _find(graph: fx.Graph, role: str) -> fx.Node:
     return next(n for n in graph.nodes if tag(n).get("role") == role)
 
 
-def build_base(graph: fx.Graph, layer: AdaptedLayer, pass_name: str) -> None:
+def build_base(graph: fx.Graph, layer: MethodLayer, pass_name: str) -> None:
     """`x -> base_layer(x) -> output` into an empty graph."""
     provenance = {"rule": "", "pass": pass_name, "adapter": None}
     x = graph.placeholder("x")
@@ -79,7 +80,7 @@ def _anchor(graph: fx.Graph) -> fx.Node:
     return first if tag(first).get("role") == "epilogue" else out
 
 
-def insert_branches(graph: fx.Graph, layer: AdaptedLayer, adapters: tuple[str, ...] | list[str],
+def insert_branches(graph: fx.Graph, layer: MethodLayer, adapters: tuple[str, ...] | list[str],
                     pass_name: str, *, mixed: bool = False) -> bool:
     """Append a branch for each of `adapters` not in the graph; True if any was added."""
     present = result_nodes(graph)
@@ -89,7 +90,7 @@ def insert_branches(graph: fx.Graph, layer: AdaptedLayer, adapters: tuple[str, .
     return bool(todo)
 
 
-def _insert_branch(graph: fx.Graph, layer: AdaptedLayer, adapter: str, pass_name: str,
+def _insert_branch(graph: fx.Graph, layer: MethodLayer, adapter: str, pass_name: str,
                    mixed: bool) -> None:
     site = layer.sites[adapter]
     provenance = {"rule": site.rule, "pass": pass_name, "adapter": adapter}
@@ -109,7 +110,7 @@ def _insert_branch(graph: fx.Graph, layer: AdaptedLayer, adapter: str, pass_name
     anchor.args = (result, *anchor.args[1:])
 
 
-def _needs_epilogue(layer: AdaptedLayer, adapter: str) -> bool:
+def _needs_epilogue(layer: MethodLayer, adapter: str) -> bool:
     base_dtype = layer.base_layer.weight.dtype
     return any(p.dtype != base_dtype for p in layer.adapter_parameters(adapter))
 
@@ -124,8 +125,3 @@ def _ensure_epilogue(graph: fx.Graph, pass_name: str) -> None:
     cast.meta[META] = {"rule": "", "pass": pass_name, "adapter": None, "role": "epilogue"}
     out.args = (cast,)
 
-
-def rows_of(names: list[str] | tuple[str, ...], adapter: str, device: torch.device) -> torch.Tensor:
-    """Indices of the batch rows that use `adapter` (a `rows_<adapter>` input)."""
-    return torch.tensor([i for i, n in enumerate(names) if n == adapter], dtype=torch.long,
-                        device=device)

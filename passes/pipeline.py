@@ -1,5 +1,10 @@
 """Run passes over an adapted layer's forward graph: re-root, lint and recompile after each.
 
+Every graph rewrite goes through `run_passes`: lowering a layer from scratch
+(`insert_adapters.lower_graph`) and the graph half of a merge or unmerge alike. Passes only
+rewrite graphs; they read the layer (its sites, which adapters it lowers) but never write
+weights, which is the runtime's fold step (`surgeon.runtime.fold`).
+
 A pass is a frozen dataclass whose fields are its options, with `name: ClassVar[str]` and
 `__call__(gm, layer) -> PassResult`. It may edit `gm.graph` in place (adding attribute targets
 that `gm` does not hold yet); the pipeline then rebuilds the GraphModule rooted at the layer,
@@ -22,7 +27,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 from torch import fx, nn
 
 if TYPE_CHECKING:
-    from surgeon.modules import AdaptedLayer
+    from surgeon.runtime.method import MethodLayer
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +39,11 @@ class PassResult:
 
 
 class Pass(Protocol):
+    """A graph rewrite: its fields are its options, `name` its CLI name."""
+
     name: ClassVar[str]
 
-    def __call__(self, gm: fx.GraphModule, layer: AdaptedLayer) -> PassResult: ...
+    def __call__(self, gm: fx.GraphModule, layer: MethodLayer) -> PassResult: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,17 +59,16 @@ def empty_graph_module() -> fx.GraphModule:
     return fx.GraphModule(nn.Module(), fx.Graph(), class_name="AdaptedForward")
 
 
-def run_passes(gm: fx.GraphModule | GraphHolder, layer: AdaptedLayer, passes: Sequence[Pass], *,
-               verify: bool = False, lint: bool = True) -> PassResult:
+def run_passes(gm: fx.GraphModule | GraphHolder, layer: MethodLayer, passes: Sequence[Pass], *,
+               verify: bool = False) -> PassResult:
     """Run `passes` in order on `gm` for `layer`.
 
     Args:
         gm: the layer's current graph module (or `empty_graph_module()`); a `GraphHolder`
             is edited in place and only linted, never rebuilt into a GraphModule.
-        layer: the adapted layer; passes may read and update its state (merged weights).
+        layer: the adapted layer (`AdaptedLayer`); passes read it, never write its weights.
         passes: pass instances, run in order.
         verify: also check the graph invariants (`surgeon.passes.verify`) after each pass.
-        lint: lint a modified graph (off for weight-only runs that leave the graph alone).
 
     Returns:
         The final graph module, and whether any pass changed anything.
@@ -76,8 +82,7 @@ def run_passes(gm: fx.GraphModule | GraphHolder, layer: AdaptedLayer, passes: Se
             if result.modified:
                 if not isinstance(gm, GraphHolder):
                     gm = fx.GraphModule(layer, result.gm.graph, class_name="AdaptedForward")
-                if lint:
-                    result.gm.graph.lint()
+                result.gm.graph.lint()
             if verify:
                 from surgeon.passes.verify import verify_graph
 

@@ -1,15 +1,15 @@
-"""unmerge: take every merged adapter out of the base weight and re-insert its branch.
+"""unmerge: re-insert the branches of a layer whose merged adapters were taken out of its weight.
 
-Preconditions: `layer.merged_adapters` lists the adapters folded into the base weight by
-`merge`, in merge order.
+Run after the fold step (`surgeon.runtime.fold.unmerge_weights`) has restored the base weight and
+emptied `layer.merged_adapters`; this pass touches no weight.
 
-Postconditions: the adapters are unfolded newest first (PEFT unmerges all of them, popping),
-each in at least fp32 and cast once, written in place; `layer.merged_adapters` is empty. If
-anything was unfolded, the branches are rebuilt so the graph runs the layer's lowered adapters
-(active and enabled) in their active order; the branches are also rebuilt when nothing is
-merged but the graph's branches differ from those (the graph half of an unmerge whose weights
-were unfolded with `edit_graph=False`). `modified` is True iff a weight was written or the
-branches were rebuilt.
+Preconditions: `gm.graph` is empty, or was built by `insert-adapters` for `layer` (possibly
+edited since by `merge` / `unmerge`).
+
+Postconditions: the graph runs the layer's lowered adapters (active and enabled) in their active
+order, as PEFT's forward loop does: when its branches differ from those, all are removed and
+re-inserted in that order. An empty graph is left empty. `modified` is True iff the branches
+were rebuilt.
 """
 
 from __future__ import annotations
@@ -17,51 +17,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
+from surgeon.passes.insert_adapters import insert_branches
+from surgeon.passes.merge import remove_branches
+from surgeon.passes.pipeline import PassResult
 from torch import fx
 
-from surgeon.modules_base import from_out_major, to_out_major
-from surgeon.modules_graph import result_nodes
-from surgeon.passes.insert_adapters import insert_branches
-from surgeon.passes.merge import accumulation_dtype, remove_branches
-from surgeon.passes.pipeline import PassResult
+from surgeon.runtime.graph import result_nodes
 
 if TYPE_CHECKING:
-    from surgeon.modules import AdaptedLayer
+    from surgeon.runtime.method import MethodLayer
 
 
 @dataclass(frozen=True, slots=True)
 class UnmergePass:
-    """Unmerge all merged adapters of the layer."""
+    """Rebuild the branches for the layer's lowered adapters, in active order."""
 
     name: ClassVar[str] = "unmerge"
-    edit_graph: bool = True  # False: unfold the weights only, leave the graph as it is
 
-    def __call__(self, gm: fx.GraphModule, layer: AdaptedLayer) -> PassResult:
-        unfolded = bool(layer.merged_adapters)
-        while layer.merged_adapters:
-            unfold_adapter(layer, layer.merged_adapters[-1])
-            layer.merged_adapters.pop()
-        if not self.edit_graph:
-            return PassResult(gm, unfolded)
+    def __call__(self, gm: fx.GraphModule, layer: MethodLayer) -> PassResult:
         graph = gm.graph
-        if not unfolded and (not graph.nodes or list(result_nodes(graph)) == layer.lowered_adapters()):
+        lowered = layer.lowered_adapters()
+        present = result_nodes(graph)
+        if not graph.nodes or list(present) == lowered:
             return PassResult(gm, False)
-        # re-insert all branches so they run in active order, as PEFT's forward loop does
-        remove_branches(graph, set(result_nodes(graph)))
-        insert_branches(graph, layer, layer.lowered_adapters(), self.name)
+        remove_branches(graph, set(present))
+        insert_branches(graph, layer, lowered, self.name)
         return PassResult(gm, True)
-
-
-def unfold_adapter(layer: AdaptedLayer, adapter: str) -> None:
-    """Subtract `adapter` (the newest merged one) from the base weight and bias."""
-    base, kind = layer.base_layer, layer.kind
-    weight = base.weight
-    current = to_out_major(weight.detach(), kind).to(accumulation_dtype(weight))
-    restored = layer.method.unfold(layer, adapter, current)
-    bias_delta = layer.method.bias_delta(layer, adapter)
-    with torch.no_grad():
-        weight.copy_(from_out_major(restored, kind, weight.shape).to(weight.dtype))
-        if bias_delta is not None:
-            acc = accumulation_dtype(base.bias)
-            base.bias.copy_((base.bias.detach().to(acc) - bias_delta.to(acc)).to(base.bias.dtype))

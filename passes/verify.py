@@ -9,15 +9,15 @@ from typing import TYPE_CHECKING
 
 from torch import fx
 
-from surgeon.modules_graph import tag
+from surgeon.runtime.graph import tag
 
 if TYPE_CHECKING:
-    from surgeon.modules import AdaptedLayer
+    from surgeon.runtime.graph import LayerView
 
 TAG_KEYS = {"rule", "pass", "adapter", "role"}
 
 
-def verify_graph(gm: fx.GraphModule, layer: AdaptedLayer) -> None:
+def verify_graph(gm: fx.GraphModule, layer: LayerView) -> None:
     """Check `gm` against `layer`; raise AssertionError on the first broken rule."""
     nodes = list(gm.graph.nodes)
     results = [n for n in nodes if tag(n).get("role") == "result"]
@@ -47,7 +47,7 @@ def verify_graph(gm: fx.GraphModule, layer: AdaptedLayer) -> None:
             layer.get_submodule(n.target) if n.op == "call_module" else _resolve(layer, n.target)
 
 
-def _resolve(layer: AdaptedLayer, target: str) -> None:
+def _resolve(layer: LayerView, target: str) -> None:
     owner, _, leaf = target.rpartition(".")
     module = layer.get_submodule(owner) if owner else layer
     assert leaf in module._parameters or leaf in module._buffers or leaf in module._modules, \

@@ -23,12 +23,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from surgeon import peft_format as pf
-from surgeon.transaction import (
-    State, Transaction, activate, adapted_layers, commit, prepare, remove_hooks, rename_adapter,
-    require_state, route_rows, saved_modules, set_state, token_wrappers, unwrap,
-)
 from surgeon.lang.spec import Spec
+from surgeon.peft_format import checkpoint as pf
+from surgeon.peft_format import files
+from surgeon.runtime.routing import remove_hooks, route_rows
+from surgeon.runtime.saved import SavedModule
+from surgeon.runtime.state import State, require_state, set_state, unwrap
+from surgeon.runtime.tokens import TokenWrapper
+from surgeon.runtime.transaction import Transaction, commit, prepare, rename_adapter
+from surgeon.runtime.wrappers import activate, adapted_layers, wrappers, wrappers_of
 
 __all__ = [
     "active_adapters", "adapter_rows", "apply", "delete_adapter", "disable_adapters", "load_adapter", "merge",
@@ -39,7 +42,7 @@ __all__ = [
 def _as_spec(spec) -> Spec:
     if isinstance(spec, Spec):
         return spec
-    from surgeon.lang.parse import load_spec
+    from surgeon.lang.parser import load_spec
 
     return load_spec(spec)
 
@@ -87,13 +90,12 @@ def active_adapters(model: nn.Module) -> tuple[str, ...]:
 def _layout(model: nn.Module, state: State) -> pf.Layout:
     host = unwrap(model)
     adapted = tuple(n for n, _ in adapted_layers(host))
-    saved = tuple((n, tuple(m.modules_to_save)) for n, m in saved_modules(host))
+    saved = tuple((n, m.adapters) for n, m in wrappers_of(host, SavedModule))
     embeddings: tuple[str, ...] = ()
     if callable(getattr(host, "get_input_embeddings", None)) and hasattr(host, "config"):
         io = _io_embeddings(host)
         embeddings = tuple(n for n, m in adapted_layers(host) if any(m is e for e in io))
-    tokens = tuple((n, tuple(m.token_adapter.trainable_tokens_delta)) for n, m in token_wrappers(host)
-                   if m.token_adapter.tied is None)
+    tokens = tuple((n, m.adapters) for n, m in wrappers_of(host, TokenWrapper) if m.token_adapter.tied is None)
     return pf.Layout(adapted, saved, state.names, embeddings, tokens)
 
 
@@ -107,7 +109,7 @@ def _io_embeddings(host: nn.Module) -> list[nn.Module]:
 
 
 def _config(model: nn.Module, installed) -> dict:
-    from surgeon.peft_config import peft_config_for_sites
+    from surgeon.peft_format.config import peft_config_for_sites
 
     host = unwrap(model)
     name_or_path = host.__dict__.get("name_or_path") or getattr(host, "name_or_path", None) or None
@@ -138,7 +140,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *,
     for name in names:
         config = _config(model, state.get(name))
         out[name] = (config, pf.adapter_state_dict(tensors, layout, name, config))
-    pf.write_checkpoint(path, out, pf.model_card({n: c for n, (c, _) in out.items()}))
+    files.write_checkpoint(path, out, files.model_card({n: c for n, (c, _) in out.items()}))
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", *,
@@ -151,9 +153,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     unchanged. `.bin` pickles load only with `allow_pickle=True` (then `weights_only=True`).
     Like PEFT, the adapter is frozen unless `is_trainable=True`; it is active on a plain model.
     """
-    from surgeon.peft_config import spec_from_peft_config
+    from surgeon.peft_format.config import spec_from_peft_config
 
-    config, tensors = pf.read_checkpoint(path, allow_pickle=allow_pickle)
+    config, tensors = files.read_checkpoint(path, allow_pickle=allow_pickle)
     # as PeftModel.from_pretrained: the saved inference_mode (PEFT writes true) yields to the caller
     config = {**config, "inference_mode": not is_trainable}
     spec = Spec((spec_from_peft_config(config, name=adapter_name),))
@@ -213,21 +215,14 @@ def unmerge(model: nn.Module) -> None:
 
 def _unwrap_all(model: nn.Module, *, merge_first: bool, adapter_names, safe_merge: bool) -> nn.Module:
     host = unwrap(model)
-    require_state(host)
+    state = require_state(host)
+    merged: tuple[str, ...] = ()
     if merge_first:
         merge(host, adapter_names, safe_merge=safe_merge)
-    for path, layer in list(adapted_layers(host)):
-        _replace(host, path, layer.base_layer)
-    for path, saved in list(saved_modules(host)):
-        # PEFT's ModulesToSaveWrapper unloads to the active adapter's copy
-        _replace(host, path, saved.current())
-    wanted = require_state(host).active if adapter_names is None else tuple(adapter_names)
-    for path, tokens in list(token_wrappers(host)):
-        # PEFT's TrainableTokensWrapper unloads to its base layer, with the rows merged if asked
-        names = [a for a in wanted if a in tokens.token_adapter.trainable_tokens_delta]
-        if merge_first and names and tokens.token_adapter.tied is None:
-            tokens.token_adapter.merge(names)
-        _replace(host, path, tokens.original_module)
+        merged = state.active if adapter_names is None else tuple(adapter_names)
+    # innermost first: a wrapper's replacement may sit inside another wrapper's original
+    for path, wrapper in reversed(list(wrappers(host))):
+        _replace(host, path, wrapper.unloaded(merged))
     remove_hooks(host)
     set_state(host, None)
     return model
@@ -293,21 +288,12 @@ def adapter_rows(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.
 
 
 def _enable(model: nn.Module, state: State, enabled: bool) -> None:
-    for _, layer in adapted_layers(model):
-        layer.enable_adapters(enabled)
-    for _, saved in saved_modules(model):
-        saved.disabled = not enabled
-    for _, tokens in token_wrappers(model):
-        tokens.disabled = not enabled
+    for _, wrapper in wrappers(model):
+        wrapper.enable_adapters(enabled)
     new = State(state.adapters, state.active, not enabled)
     set_state(model, new)
     if enabled:
         activate(model, new)  # re-applies which copies and adapters train
-    else:
-        for _, saved in saved_modules(model):
-            saved.modules_to_save.requires_grad_(False)
-        for _, tokens in token_wrappers(model):
-            tokens.token_adapter.trainable_tokens_delta.requires_grad_(False)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -323,11 +309,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         active = (sorted(a.name for a in rest)[0],)
     new = State(rest, active, state.disabled)
     activate(model, new)
-    for _, layer in adapted_layers(model):
-        layer.delete_adapter(name)
-    for _, saved in saved_modules(model):
-        if name in saved.modules_to_save:
-            del saved.modules_to_save[name]
-    for _, tokens in token_wrappers(model):
-        tokens.token_adapter.remove(name)
+    for _, wrapper in wrappers(model):
+        wrapper.delete_adapter(name)
     set_state(model, new)

@@ -23,3 +23,12 @@ def test_the_wheel_works_without_the_repository(tmp_path):
                          env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert "target q_proj" in out.stdout
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    """pyproject lists packages by hand: a new folder (a method, a stage) must be added there."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "surgeon").rglob("__init__.py")}
+    assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+from surgeon import methods as registry
 from surgeon.lang import vocabulary as vocab
 from surgeon.lang.check_options import check_options
 from surgeon.lang.check_selection import check_name, check_selection
@@ -50,11 +51,12 @@ def _adapter(raw: RawAdapter, diags: list[Diagnostic]) -> Adapter:
             name.span, f"the adapter name {show(name.value)} is not a plain name",
             hint="use letters, digits, '_', '-' and '.' (PEFT saves it as a folder name)",
         ))
-    known = method.value in vocab.METHODS
+    methods = vocab.methods()
+    known = method.value in methods
     if not known:
         diags.append(error(
             method.span, f"unknown method '{method.value}'",
-            hint=did_you_mean(method.value, vocab.METHODS) or "methods are " + ", ".join(vocab.METHODS),
+            hint=did_you_mean(method.value, methods) or "methods are " + ", ".join(methods),
         ))
     options = check_options(method, raw.options, diags) if known else ()
     rules = tuple(r for r in (_rule(rule, method.value if known else None, diags) for rule in raw.rules) if r)
@@ -64,13 +66,11 @@ def _adapter(raw: RawAdapter, diags: list[Diagnostic]) -> Adapter:
 
 
 def _rule_allowed(rule: RawRule, method: str | None, diags: list[Diagnostic]) -> bool:
-    if method is None or rule.kind in vocab.RULES_OF[method]:
+    if method is None or rule.kind in vocab.rules_of(method):
         return True
-    owners = [m for m in vocab.METHODS if rule.kind in vocab.RULES_OF[m]]
+    owners = [m for m in vocab.methods() if rule.kind in vocab.rules_of(m)]
     owners_text = owners[0] if len(owners) == 1 else ", ".join(owners[:-1]) + " and " + owners[-1]
-    hint = None
-    if method == "adalora" and rule.kind == "rank":
-        hint = "adalora chooses ranks itself; saved ranks go in the option rank_pattern={...}"
+    hint = dict(registry.config_of(method).rule_hints).get(rule.kind)
     diags.append(error(
         rule.keyword, f"'{rule.kind}' rules apply only to {owners_text} adapters, not {method}", hint=hint
     ))

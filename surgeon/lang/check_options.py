@@ -7,10 +7,11 @@ have (with "did you mean"), and applies the few cross-field rules PEFT enforces 
 
 from __future__ import annotations
 
+from surgeon import methods as registry
 from surgeon.lang import vocabulary as vocab
 from surgeon.lang.diagnostics import Diagnostic, did_you_mean, error, warning
 from surgeon.lang.kinds import Enum, show
-from surgeon.lang.spec import Option, Table
+from surgeon.lang.spec import Option
 from surgeon.lang.syntax import Located, RawOption
 
 
@@ -37,7 +38,7 @@ def check_options(
         Option(name, found[name].value.value, found[name].span) for name in order if name in found
     )
     _check_required(method, found, diags)
-    _check_combinations(method.value, found, diags)
+    _check_combinations(method, found, diags)
     return options
 
 
@@ -76,7 +77,7 @@ def _value_ok(field: vocab.Field, option: RawOption, diags: list[Diagnostic]) ->
 
 
 def _check_required(method: Located[str], found: dict[str, RawOption], diags: list[Diagnostic]) -> None:
-    for name in vocab.REQUIRED.get(method.value, ()):
+    for name in vocab.required(method.value):
         if name not in found or found[name].value.value is None:
             diags.append(error(
                 method.span, f"{method.value} needs the option '{name}'",
@@ -84,43 +85,18 @@ def _check_required(method: Located[str], found: dict[str, RawOption], diags: li
             ))
 
 
-def _value(method: str, found: dict[str, RawOption], name: str):
-    return found[name].value.value if name in found else vocab.default_of(method, name)
+def _check_combinations(method: Located[str], found: dict[str, RawOption], diags: list[Diagnostic]) -> None:
+    """The method's cross-field rules (PEFT's `__post_init__`), so that `surgeon check` catches
+    what would otherwise fail at training time (a missing required option reads as None)."""
+    config = registry.config_of(method.value)
+    values = {f.name: found[f.name].value.value if f.name in found else f.default for f in config.fields}
+    for problem in config.check(values, frozenset(found)):
+        diags.append((warning if problem.warning else error)(
+            _span_of(problem, found, method), problem.message, hint=problem.hint))
 
 
-def _check_combinations(method: str, found: dict[str, RawOption], diags: list[Diagnostic]) -> None:
-    """Cross-field rules of PEFT's `__post_init__` that would otherwise fail at training time."""
-    if method == "lora":
-        _check_lora(found, diags)
-    if method == "adalora" and "total_step" in found and isinstance(_value(method, found, "total_step"), int):
-        total = _value(method, found, "total_step")
-        tinit, tfinal = _value(method, found, "tinit"), _value(method, found, "tfinal")
-        if tinit >= total - tfinal:
-            where = found.get("tinit", found.get("tfinal", found["total_step"]))
-            diags.append(error(
-                where.span,
-                f"tinit={tinit} and tfinal={tfinal} leave no budgeting phase in total_step={total}",
-                hint="AdaLoRA prunes ranks between steps tinit and total_step - tfinal",
-            ))
-    if method == "adalora" and "r" in found:
-        diags.append(warning(
-            found["r"].key.span, "adalora ignores 'r'", hint="set the ranks with 'init_r' and 'target_r'"
-        ))
-
-
-def _check_lora(found: dict[str, RawOption], diags: list[Diagnostic]) -> None:
-    init = _value("lora", found, "init_lora_weights")
-    if _value("lora", found, "lora_bias") is True:
-        where = found["lora_bias"].span
-        if not isinstance(init, bool):
-            diags.append(error(where, f"lora_bias=true needs init_lora_weights true or false, not '{init}'"))
-        if _value("lora", found, "use_dora") is True:
-            diags.append(error(where, "lora_bias=true cannot be combined with DoRA (use_dora=true)"))
-    loftq = _value("lora", found, "loftq_config")
-    if init == "loftq" and (not isinstance(loftq, Table) or not loftq.items):
-        diags.append(error(
-            found["init_lora_weights"].value.span, "init=loftq needs the option 'loftq_config'",
-            hint="for example loftq_config={loftq_bits: 4, loftq_iter: 1}",
-        ))
-    if _value("lora", found, "use_dora") is True and _value("lora", found, "megatron_config") is not None:
-        diags.append(error(found["use_dora"].span, "DoRA does not support Megatron (megatron_config)"))
+def _span_of(problem, found: dict[str, RawOption], method: Located[str]):
+    option = found.get(problem.field)
+    if option is None:
+        return method.span
+    return {"key": option.key.span, "value": option.value.span}.get(problem.at, option.span)

@@ -1,6 +1,6 @@
 """Checks selectors: atoms (roles, module types, names, globs, regexes), clauses and layers.
 
-Role names come from `surgeon.role_names.selector_names()`; module types from
+Role names come from `surgeon.capture.names.selector_names()`; module types from
 `vocabulary.MODULE_TYPES`. Layer ranges are checked for emptiness where that is decidable
 without the model (both ends given with the same sign, or an empty prefix).
 """
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import re
 
+from surgeon.capture.names import selector_names
 from surgeon.lang.diagnostics import Diagnostic, did_you_mean, error
 from surgeon.lang.spec import Atom, Glob, Layers, LayerSlice, ModuleType, Name, Regex, RoleRef, Selection
 from surgeon.lang.syntax import Located, RawClause, RawLayers, RawSelection
 from surgeon.lang.vocabulary import MODULE_TYPES
-from surgeon.role_names import selector_names
 
 _HALF_OPEN = "slices are half-open as in Python: 'a:b' selects layers a, a+1, ..., b-1"
 

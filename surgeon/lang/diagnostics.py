@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from surgeon.errors import UserError
 from surgeon.lang.source import line_of, printable
 from surgeon.lang.spec import Span
 
@@ -76,13 +77,15 @@ def render(diagnostics: Iterable[Diagnostic], source: str) -> str:
     return "\n\n".join(render_one(d, source) for d in ordered)
 
 
-class SpecError(Exception):
+class SpecError(UserError):
     """A `.peft` spec that cannot be used; `str()` is every diagnostic, rendered.
 
     Attributes:
         diagnostics: every error (and any warning) found, in source order.
         source: the spec text the spans point into.
     """
+
+    rendered = True
 
     def __init__(self, diagnostics: Iterable[Diagnostic], source: str = ""):
         self.diagnostics = tuple(sorted(diagnostics, key=lambda d: (d.span.start, d.span.end)))

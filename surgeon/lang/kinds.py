@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from surgeon.lang.spec import Table
+from surgeon.lang.values import Table
 
 
 def is_int(value) -> bool:

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
+from surgeon.lang.values import Table, Value, to_python  # noqa: F401 - part of the Spec model
+
 # --------------------------------------------------------------------------- source spans
 
 
@@ -43,32 +45,6 @@ NO_SPAN = Span("<built>", 0, 0, 1, 1)
 
 def _span() -> Span:
     return field(default=NO_SPAN, compare=False, repr=False)  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------- values
-
-
-@dataclass(frozen=True, slots=True)
-class Table:
-    """A `{key: value, ...}` literal (e.g. AdaLoRA's saved rank_pattern), order kept."""
-
-    items: tuple[tuple[str, "Value"], ...]
-
-    def to_dict(self) -> dict:
-        return {k: to_python(v) for k, v in self.items}
-
-
-# Option values: lists are tuples so the Spec stays immutable.
-Value = Union[bool, int, float, str, None, tuple, Table]
-
-
-def to_python(value: Value):
-    """A Value as plain JSON-able Python (tuples become lists, tables dicts)."""
-    if isinstance(value, Table):
-        return value.to_dict()
-    if isinstance(value, tuple):
-        return [to_python(v) for v in value]
-    return value
 
 
 # --------------------------------------------------------------------------- selectors
@@ -242,7 +218,7 @@ class Adapter:
     """`adapter NAME = METHOD(options) { rules }`.
 
     `options` holds only what the file states, in the method's canonical field order; defaults
-    live in the vocabulary (see `surgeon.lang.vocabulary`), read them through `option()`.
+    live in the method's folder (`surgeon.methods.<method>.config`), read them through `option()`.
     """
 
     name: str
@@ -254,14 +230,19 @@ class Adapter:
     def stated(self, name: str) -> bool:
         return any(o.name == name for o in self.options)
 
-    def option(self, name: str):
-        """The stated value of PEFT field `name`, else the method's default."""
+    def option(self, name: str, missing=KeyError):
+        """The stated value of PEFT field `name`, else the method's default; `missing` when the
+        method has no such option (a KeyError unless given: generic code asking for a field
+        only some methods have, such as `bias`, passes what absence means)."""
         for o in self.options:
             if o.name == name:
                 return o.value
-        from surgeon.lang.vocabulary import default_of  # torch-free; lazy to avoid a cycle
+        from surgeon.methods import config_of  # the registry reads method folders on demand
 
-        return default_of(self.method, name)
+        config = config_of(self.method)
+        if missing is not KeyError and config.field(name) is None:
+            return missing
+        return config.default(name)
 
     def rules_of(self, kind: type) -> tuple:
         return tuple(r for r in self.rules if isinstance(r, kind))

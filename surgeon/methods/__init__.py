@@ -1,79 +1,99 @@
-"""PEFT methods, one file each, behind one small interface; a registry keyed by `peft_type`.
+"""The method registry: one folder per method, found by PEFT's peft_type lower-cased.
 
-A method owns everything specific to it: the parameter containers it adds to an adapted layer
-(named as PEFT names them in memory), their creation and initialisation for each base kind, the
-adapter subgraph it contributes to the layer's forward graph, and its merge math. The adapted
-layer (`surgeon.modules`) and the passes (`surgeon.passes`) are generic over this interface.
+A method is its folder, `surgeon/methods/<name>/`: `config.py` defines `CONFIG`, a torch-free
+`MethodConfig` (fields, rules, placement, checks, PEFT quirks); `layer.py` defines the runtime
+(parameters, initialisation, emitted subgraph, merge delta; see `surgeon.runtime.method`).
+Adding a built-in method is its folder plus one line in `BUILTIN`. A method defined anywhere
+else (a user's package, a test) joins with `register(config, runtime)`.
 
-Example:
-    >>> from surgeon.methods import get_method
-    >>> get_method("lora").containers[0][0]
+    >>> from surgeon.methods import config_of, runtime_of
+    >>> config_of("lora").default("r")
+    8
+    >>> runtime_of("lora").containers[0][0]
     'lora_dropout'
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
-    from torch import fx, nn
+from surgeon.methods.base import MethodConfig
 
-    from surgeon.modules import AdaptedLayer
-    from surgeon.modules_graph import Builder
-    from surgeon.site import Site
+# Built-in methods, in the order the language lists them; each is `surgeon.methods.<name>`.
+BUILTIN: tuple[str, ...] = ("lora", "ia3", "adalora", "loha", "lokr")
 
-# peft_type (lower case) -> module defining `METHOD`; imported on first use.
-METHODS: dict[str, str] = {"lora": "surgeon.methods.lora"}
+_configs: dict[str, MethodConfig] = {}  # loaded or registered, by name
+_runtimes: dict[str, Any] = {}  # runtime objects, by name, loaded on first use
+_registered: list[str] = []  # names added by `register`, in order
 
 
-class Method(Protocol):
-    """What the lowering needs from a method."""
+def register(config: MethodConfig, runtime: Any = None) -> None:
+    """Add (or replace) a method defined outside this package.
 
-    name: str
-    # (attribute, container type) created empty on every adapted layer, in PEFT's order.
-    containers: tuple[tuple[str, type[nn.Module]], ...]
-
-    def add(self, layer: AdaptedLayer, site: Site) -> None:
-        """Create and initialise `site.adapter`'s parameters in `layer`'s containers."""
-
-    def remove(self, layer: AdaptedLayer, adapter: str) -> None:
-        """Delete `adapter`'s parameters from `layer`."""
-
-    def num_params(self, base: nn.Module, site: Site) -> int:
-        """Trainable parameters `site` adds to `base` (works on the meta device)."""
-
-    def emit(self, b: Builder, adapter: str, prev: fx.Node, rows: fx.Node | None) -> fx.Node:
-        """Emit `adapter`'s branch after result `prev`; return its result node.
-
-        `rows` is None for a whole-batch forward, else the node holding the batch rows that
-        use this adapter (mixed-adapter batch).
-        """
-
-    def check_mixed(self, layer: AdaptedLayer, adapter: str) -> None:
-        """Raise if `adapter` cannot serve rows of a mixed-adapter batch."""
-
-    def delta_weight(self, layer: AdaptedLayer, adapter: str) -> torch.Tensor:
-        """The adapter's weight delta in the base weight's layout and dtype (PEFT's)."""
-
-    def fold(self, layer: AdaptedLayer, adapter: str, weight: torch.Tensor,
-             unmerged: torch.Tensor) -> torch.Tensor:
-        """Out-major fp32 `weight` with `adapter` merged; `unmerged` is it without any merges."""
-
-    def unfold(self, layer: AdaptedLayer, adapter: str, weight: torch.Tensor) -> torch.Tensor:
-        """Inverse of `fold` on an out-major fp32 weight."""
-
-    def bias_delta(self, layer: AdaptedLayer, adapter: str) -> torch.Tensor | None:
-        """What merging adds to the base bias (None when the adapter has no bias)."""
-
-    def clear_caches(self, layer: AdaptedLayer) -> None:
-        """Forget values cached from the weights (they may have changed unseen)."""
+    Args:
+        config: its `MethodConfig`; `config.name` is the name specs use.
+        runtime: the object implementing `surgeon.runtime.method.MethodRuntime`, or None for
+            a method that is only parsed and converted.
+    """
+    _configs[config.name] = config
+    _runtimes.pop(config.name, None)
+    if runtime is not None:
+        _runtimes[config.name] = runtime
+    if config.name not in BUILTIN and config.name not in _registered:
+        _registered.append(config.name)
 
 
-def get_method(name: str) -> Any:
-    """The method registered under `name` (PEFT's peft_type, lower case)."""
-    if name not in METHODS:
-        known = ", ".join(f"`{m}`" for m in sorted(METHODS))
-        raise NotImplementedError(f"Method `{name}` cannot be lowered yet; supported: {known}.")
-    return importlib.import_module(METHODS[name]).METHOD
+def unregister(name: str) -> None:
+    """Remove a method added with `register` (built-ins cannot be removed)."""
+    if name in _registered:
+        _registered.remove(name)
+        _configs.pop(name, None)
+        _runtimes.pop(name, None)
+
+
+def names() -> tuple[str, ...]:
+    """Every method a spec may name: the built-ins, then registered ones."""
+    return BUILTIN + tuple(_registered)
+
+
+def config_of(name: str) -> MethodConfig:
+    """The `MethodConfig` of method `name`.
+
+    Raises:
+        KeyError: no such method.
+    """
+    config = _configs.get(name)
+    if config is None:
+        if name not in BUILTIN:
+            raise KeyError(f"unknown method {name!r}; known: {', '.join(names())}")
+        config = _configs[name] = importlib.import_module(f"surgeon.methods.{name}.config").CONFIG
+    return config
+
+
+def by_peft_type(peft_type: str) -> MethodConfig | None:
+    """The method whose PEFT peft_type is `peft_type` ("LORA"), or None."""
+    return next((config_of(n) for n in names() if config_of(n).peft_type == peft_type), None)
+
+
+def applies(name: str) -> bool:
+    """Whether method `name` can be applied to a model (it has a runtime part)."""
+    return name in _runtimes or config_of(name).runtime is not None
+
+
+def runtime_of(name: str) -> Any:
+    """The runtime part of method `name` (what the adapted layer and the passes call).
+
+    Raises:
+        NotImplementedError: the method is parsed and converted but not applied yet.
+    """
+    runtime = _runtimes.get(name)
+    if runtime is None:
+        where = config_of(name).runtime
+        if where is None:
+            known = ", ".join(f"`{m}`" for m in names() if applies(m))
+            raise NotImplementedError(f"Method `{name}` cannot be applied yet; supported: {known}.")
+        module, _, attribute = where.partition(":")
+        runtime = _runtimes[name] = getattr(importlib.import_module(module), attribute)
+    return runtime
+

@@ -20,7 +20,7 @@ IDS = torch.arange(12)[None]
 
 
 def tiny_llama():
-    from surgeon.models import load_model
+    from surgeon.models.load import load_model
 
     return load_model("tiny:llama").model
 
@@ -86,7 +86,7 @@ def test_failures_leave_no_partial_output(tmp_path: Path):
 def test_an_error_while_writing_removes_the_partial_directory(tmp_path: Path, monkeypatch, capsys):
     """An internal error mid-write: exit 1, a short message, no traceback, no leftovers."""
     import surgeon.api
-    from surgeon.cli import main
+    from surgeon.cli.main import main
 
     def fail_halfway(model, path, **kwargs):
         (Path(path) / "adapter_config.json").write_text("{}")

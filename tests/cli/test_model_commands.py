@@ -73,7 +73,7 @@ def test_spec_errors_against_a_model_are_rendered_diagnostics(tmp_path: Path):
 def test_model_argument_failures_are_one_clear_line(tmp_path: Path, capsys, monkeypatch):
     """Every MODEL form's failure, through `main()` in this process (the subprocess path of the
     same code is covered above and by the Hub case below)."""
-    from surgeon.cli import main
+    from surgeon.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

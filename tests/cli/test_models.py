@@ -11,7 +11,7 @@ import inspect
 import pytest
 import torch
 
-from surgeon.models import InputShape, ModelError, load_model
+from surgeon.models.load import InputShape, ModelError, load_model
 
 ARCHITECTURES = ("llama", "gpt2", "t5", "bert", "whisper", "vit", "clip", "blip-2", "mixtral",
                  "qwen2_vl", "deepseek_v3", "jamba", "falcon", "resnet", "swin", "opt", "bart")

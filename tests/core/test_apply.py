@@ -15,12 +15,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import surgeon.api as S
-from surgeon.modules import AdaptedLayer
+from surgeon.runtime.adapted import AdaptedLayer
+from surgeon.runtime.state import require_state, state_of
 from tests.core.test_oracle import quiet
 from tests.models import CASES
 
 # the transaction module (the public function `surgeon.apply` lives in surgeon.api)
-A = importlib.import_module("surgeon.transaction")
+A = importlib.import_module("surgeon.runtime.transaction")
 
 QV = "adapter default = lora(r=4, alpha=8) { target q_proj, v_proj }"
 OTHER = "adapter other = lora(r=2) { target all-linear }"
@@ -32,7 +33,7 @@ def snapshot(model: torch.nn.Module):
         {k: v.detach().clone() for k, v in model.state_dict().items()},
         [(n, p.requires_grad) for n, p in model.named_parameters()],
         (len(model._forward_pre_hooks), len(model._forward_hooks)),
-        A.state_of(model),
+        state_of(model),
     )
 
 
@@ -153,7 +154,7 @@ def test_trainable_parameters_equal_peft(bias):
 def test_second_apply_adds_an_inactive_frozen_adapter(llama):
     S.apply(QV, llama)
     S.apply(OTHER, llama)
-    assert A.require_state(llama).names == ("default", "other")
+    assert require_state(llama).names == ("default", "other")
     assert S.active_adapters(llama) == ("default",)
     grads = {n for n, p in llama.named_parameters() if p.requires_grad}
     assert grads and all(".default." in n for n in grads)
@@ -163,7 +164,7 @@ def test_second_apply_adds_an_inactive_frozen_adapter(llama):
     with pytest.raises(ValueError, match="already exists"):
         S.apply(OTHER, llama)
     S.apply(OTHER, llama, adapter_name="third")
-    assert A.require_state(llama).names == ("default", "other", "third")
+    assert require_state(llama).names == ("default", "other", "third")
 
 
 def test_unload_gives_back_the_original_modules(llama):
@@ -171,7 +172,7 @@ def test_unload_gives_back_the_original_modules(llama):
     S.apply(QV, llama)
     plain = S.unload(llama)
     assert plain.model.layers[1].self_attn.q_proj is q
-    assert A.state_of(plain) is None and not plain._forward_pre_hooks
+    assert state_of(plain) is None and not plain._forward_pre_hooks
     assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
 
 

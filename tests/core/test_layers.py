@@ -1,4 +1,4 @@
-"""Layer indices (surgeon.layers) against PEFT's layers_pattern and Python's slicing.
+"""Layer indices (surgeon.planning.layers) against PEFT's layers_pattern and Python's slicing.
 
 Also home of the tiny models the core tests share (transformers configs and plain nn.Modules).
 """
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from surgeon.lang.spec import Layers, LayerSlice
-from surgeon.layers import LayerIndex, pattern_layers, resolve_items, structural_layers
+from surgeon.planning.layers import LayerIndex, pattern_layers, resolve_items, structural_layers
 
 # --------------------------------------------------------------------------- tiny models
 
@@ -245,3 +245,46 @@ def test_resolve_items_is_python_indexing(items, size):
     got = resolve_items(items, size)
     # out-of-range ints may resolve past the end; they then match no layer
     assert {i for i in got if 0 <= i < size} == want
+
+
+# --------------------------------------------------------------------------- nested containers
+
+
+class MixedBlock(nn.Module):
+    """A block whose Sequential MLP sits between two plain layers (issue 8's failing case)."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.attn = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.out(self.mlp(self.attn(x)))
+
+
+class MixedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([MixedBlock() for _ in range(3)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_nested_sequential_does_not_hide_the_layers_after_it():
+    layers = structural_layers(MixedNet().named_modules())
+    assert layers.sizes == {"layers": 3}
+    for i in range(3):
+        for name in ("attn", "mlp", "mlp.0", "mlp.2", "out"):
+            assert layers.of[f"layers.{i}.{name}"] == LayerIndex("layers", i), (i, name)
+    assert layers.select(Layers((LayerSlice(0, 2),))) >= {"layers.0.out", "layers.1.out"}
+
+
+def test_planning_a_layer_range_after_a_nested_sequential():
+    import surgeon
+
+    plan = surgeon.plan("adapter default = lora(r=2) { target out in layers[0:2] }", MixedNet())
+    assert [s.path for s in plan.adapters[0].sites] == ["layers.0.out", "layers.1.out"]

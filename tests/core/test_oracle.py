@@ -22,7 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import surgeon.api as S
-from surgeon.transaction import adapted_layers
+from surgeon.runtime.wrappers import adapted_layers
 from tests.models import CASES, HF_CASES, PLAIN_CASES, ModelCase
 
 ATOL = 1e-5

@@ -1,7 +1,7 @@
 """The checkpoint key mapping against PEFT itself, and the file layer (atomic writes, pickles).
 
 In-memory names are PEFT's, so a PEFT model's own state_dict and module tree must give, through
-`surgeon.peft_format`, exactly the tensors `get_peft_model_state_dict` returns.
+`surgeon.peft_format.checkpoint`, exactly the tensors `get_peft_model_state_dict` returns.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.other import ModulesToSaveWrapper
 from transformers import PreTrainedModel
 
-from surgeon import peft_format as pf
+from surgeon.peft_format import checkpoint as pf
+from surgeon.peft_format import files
 from tests.models import CASES
 
 
@@ -79,7 +80,7 @@ def test_mismatches_are_reported_together():
              "lin.lora_B.default.weight": torch.zeros(4, 2)}
     ckpt = {"base_model.model.lin.lora_A.weight": torch.zeros(3, 4),
             "base_model.model.nothing.weight": torch.zeros(1)}
-    with pytest.raises(pf.CheckpointError) as err:
+    with pytest.raises(files.CheckpointError) as err:
         pf.match_checkpoint(ckpt, state, layout, "default")
     msg = str(err.value)
     assert "3 problem(s)" in msg
@@ -89,30 +90,30 @@ def test_mismatches_are_reported_together():
 def test_write_is_atomic_and_peft_shaped(tmp_path, monkeypatch):
     tensors = {"base_model.model.lin.lora_A.weight": torch.ones(2, 4)}
     cfg = {"peft_type": "LORA", "r": 2}
-    pf.write_checkpoint(tmp_path / "out", {"default": (cfg, tensors), "b": (cfg, tensors)}, "# card\n")
-    assert (tmp_path / "out" / pf.WEIGHTS_NAME).is_file()
-    assert json.loads((tmp_path / "out" / "b" / pf.CONFIG_NAME).read_text())["r"] == 2
-    before = (tmp_path / "out" / pf.CONFIG_NAME).read_text()
+    files.write_checkpoint(tmp_path / "out", {"default": (cfg, tensors), "b": (cfg, tensors)}, "# card\n")
+    assert (tmp_path / "out" / files.WEIGHTS_NAME).is_file()
+    assert json.loads((tmp_path / "out" / "b" / files.CONFIG_NAME).read_text())["r"] == 2
+    before = (tmp_path / "out" / files.CONFIG_NAME).read_text()
 
     def fail(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr("safetensors.torch.save_file", fail)
     with pytest.raises(OSError):
-        pf.write_checkpoint(tmp_path / "out", {"default": ({"r": 9}, tensors)}, "x")
+        files.write_checkpoint(tmp_path / "out", {"default": ({"r": 9}, tensors)}, "x")
     with pytest.raises(OSError):
-        pf.write_checkpoint(tmp_path / "new", {"default": ({"r": 9}, tensors)}, "x")
-    assert (tmp_path / "out" / pf.CONFIG_NAME).read_text() == before
+        files.write_checkpoint(tmp_path / "new", {"default": ({"r": 9}, tensors)}, "x")
+    assert (tmp_path / "out" / files.CONFIG_NAME).read_text() == before
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left
 
 
 def test_pickle_needs_opt_in(tmp_path):
-    (tmp_path / pf.CONFIG_NAME).write_text("{}")
-    torch.save({"k": torch.ones(2)}, tmp_path / pf.PICKLE_NAME)
-    with pytest.raises(pf.CheckpointError, match="allow_pickle"):
-        pf.read_checkpoint(tmp_path)
-    _, tensors = pf.read_checkpoint(tmp_path, allow_pickle=True)
+    (tmp_path / files.CONFIG_NAME).write_text("{}")
+    torch.save({"k": torch.ones(2)}, tmp_path / files.PICKLE_NAME)
+    with pytest.raises(files.CheckpointError, match="allow_pickle"):
+        files.read_checkpoint(tmp_path)
+    _, tensors = files.read_checkpoint(tmp_path, allow_pickle=True)
     assert torch.equal(tensors["k"], torch.ones(2))
 
 
@@ -121,7 +122,30 @@ def test_pickle_with_code_is_refused(tmp_path):
         def __reduce__(self):
             return (print, ("pwned",))
 
-    (tmp_path / pf.CONFIG_NAME).write_text("{}")
-    torch.save({"k": Evil()}, tmp_path / pf.PICKLE_NAME)
+    (tmp_path / files.CONFIG_NAME).write_text("{}")
+    torch.save({"k": Evil()}, tmp_path / files.PICKLE_NAME)
     with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
-        pf.read_checkpoint(tmp_path, allow_pickle=True)
+        files.read_checkpoint(tmp_path, allow_pickle=True)
+
+
+def test_folder_layout_and_atomic_dir_modes(tmp_path):
+    tensors = {"base_model.model.lin.lora_A.weight": torch.ones(2, 4)}
+    files.write_checkpoint(tmp_path / "out", {"default": ({}, tensors), "b": ({}, tensors)}, "# card\n")
+    assert files.adapters_in(tmp_path / "out") == {"default": tmp_path / "out", "b": tmp_path / "out" / "b"}
+    assert files.adapters_in(tmp_path / "nowhere") == {}
+    (tmp_path / "plain").mkdir()
+    mode = (tmp_path / "plain").stat().st_mode
+    assert (tmp_path / "out").stat().st_mode == mode  # ordinary permissions, not mkdtemp's 0700
+
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with files.atomic_dir(tmp_path / "out", replace=False) as tmp:
+        (tmp / files.README_NAME).write_text("new card")
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # merged: other files stay
+    assert (tmp_path / "out" / files.README_NAME).read_text() == "new card"
+    with files.atomic_dir(tmp_path / "out", replace=True) as tmp:
+        (tmp / "only.txt").write_text("x")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["only.txt"]  # swapped whole
+    assert (tmp_path / "out").stat().st_mode == mode
+    with pytest.raises(KeyError), files.atomic_dir(tmp_path / "deep" / "er" / "new") as tmp:
+        raise KeyError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "plain"]  # parents made are undone

@@ -13,12 +13,24 @@ import pytest
 import torch
 from torch import nn
 
-import surgeon.roles_infer
-from surgeon.lang.spec import (
-    Adapter, Alpha, AllLinear, Layers, LayerSlice, Name, Option, Rank, Save, Selection, Span, Spec, Target,
-)
+import surgeon.capture.infer
 from surgeon.lang import load_spec
-from surgeon.planner import Plan, PlanError, plan
+from surgeon.lang.spec import (
+    Adapter,
+    AllLinear,
+    Alpha,
+    Layers,
+    LayerSlice,
+    Name,
+    Option,
+    Rank,
+    Save,
+    Selection,
+    Span,
+    Spec,
+    Target,
+)
+from surgeon.planning.planner import Plan, PlanError, plan
 from tests.core.test_layers import tiny_models
 
 SPEC = """\
@@ -61,7 +73,7 @@ def test_plan_leaves_the_model_untouched():
 
 
 def test_spec_text_path_and_object_give_the_same_plan(tmp_path):
-    from surgeon.lang.parse import load_spec
+    from surgeon.lang.parser import load_spec
 
     file = tmp_path / "llama.peft"
     file.write_text(SPEC)
@@ -259,11 +271,11 @@ def test_unmatched_rules_of_a_spec_built_in_python():
 def test_default_placement_is_query_and_value_by_role(monkeypatch):
     roles = {"blocks.0.attn.q": "attn.q", "blocks.0.attn.v": "attn.v", "towers.left.proj": "attn.qkv",
              "blocks.0.mlp.0": "mlp.up"}
-    monkeypatch.setattr(surgeon.roles_infer, "infer_roles", lambda model, example_inputs=None: roles)
+    monkeypatch.setattr(surgeon.capture.infer, "infer_roles", lambda model, example_inputs=None: roles)
     result = plan(_adapter(), tiny_models()["nested"])
     assert result.paths() == ("towers.left.proj", "blocks.0.attn.q", "blocks.0.attn.v")
     assert {s.rule for s in result.sites} == {"default(@attn.q, @attn.v)"}
-    monkeypatch.setattr(surgeon.roles_infer, "infer_roles", lambda model, example_inputs=None: {})
+    monkeypatch.setattr(surgeon.capture.infer, "infer_roles", lambda model, example_inputs=None: {})
     with pytest.raises(PlanError, match=r"no target rule and the default placement \(@attn.q, @attn.v\)"):
         plan(_adapter(), tiny_models()["nested"])
 
@@ -354,7 +366,7 @@ def test_a_spec_without_targets_is_peft_default_placement_both_ways(name):
     from peft import LoraConfig
     from peft.tuners.lora import LoraModel
 
-    from surgeon.peft_config import peft_config_from_adapter, spec_from_peft_config
+    from surgeon.peft_format.config import peft_config_from_adapter, spec_from_peft_config
 
     text = "adapter default = lora(r=8, alpha=16) { }"
     model = tiny_models()[name]

@@ -1,4 +1,4 @@
-"""Selector semantics (surgeon.select) on tiny models, against explicit path lists and PEFT."""
+"""Selector semantics (surgeon.planning.select) on tiny models, against explicit path lists and PEFT."""
 
 from __future__ import annotations
 
@@ -8,11 +8,20 @@ import warnings
 import pytest
 from torch import nn
 
-import surgeon.roles_infer
+import surgeon.capture.infer
 from surgeon.lang.spec import (
-    AllLinear, Glob, Layers, LayerSlice, ModuleType, Name, Regex, RoleRef, Selection,
+    AllLinear,
+    Glob,
+    Layers,
+    LayerSlice,
+    ModuleType,
+    Name,
+    Regex,
+    RoleRef,
+    Selection,
 )
-from surgeon.select import Resolver, glob_matches, kind_of
+from surgeon.layer_kinds import kind_of
+from surgeon.planning.select import Resolver, glob_matches
 from tests.core.test_layers import ConvNet, tiny_models
 
 LLAMA_Q = tuple(f"model.layers.{i}.self_attn.q_proj" for i in range(3))
@@ -28,7 +37,7 @@ def no_roles(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("infer_roles was called for a selection that needs no roles")
 
-    monkeypatch.setattr(surgeon.roles_infer, "infer_roles", boom)
+    monkeypatch.setattr(surgeon.capture.infer, "infer_roles", boom)
 
 
 def test_name_is_suffix_on_whole_segments(no_roles):
@@ -120,7 +129,7 @@ def test_role_selectors_capture_once_and_only_when_used(monkeypatch):
         calls.append(example_inputs)
         return roles
 
-    monkeypatch.setattr(surgeon.roles_infer, "infer_roles", fake)
+    monkeypatch.setattr(surgeon.capture.infer, "infer_roles", fake)
     resolver = Resolver(tiny_models()["nested"], example_inputs=("x",))
     assert resolver.select(Selection((Name("head"),))) == ("head",) and calls == []
     assert resolver.select(Selection((RoleRef("attn.q"),))) == ("towers.left.proj", "blocks.0.attn.q")

@@ -21,9 +21,21 @@ from hypothesis import strategies as st
 from torch import nn
 
 from surgeon.lang.spec import (
-    Adapter, Alpha, AllLinear, Exclude, Layers, Name, Option, Rank, Regex, Save, Selection, Spec, Target,
+    Adapter,
+    AllLinear,
+    Alpha,
+    Exclude,
+    Layers,
+    Name,
+    Option,
+    Rank,
+    Regex,
+    Save,
+    Selection,
+    Spec,
+    Target,
 )
-from surgeon.planner import PlanError, plan
+from surgeon.planning.planner import PlanError, plan
 from tests.core.test_layers import PEFT_LAYERS_PATTERN, tiny_models
 
 ADAPTABLE = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -19,8 +19,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import load_file
 
-from surgeon.transaction import saved_modules
-from surgeon.planner import plan
+from surgeon.planning.planner import plan
+from surgeon.runtime.saved import SavedModule
+from surgeon.runtime.wrappers import wrappers_of
 from tests.models import _DECODER, VOCAB, ModelCase, _hf, token_inputs
 
 S = importlib.import_module("surgeon.api")  # `surgeon.api` the attribute may be a function
@@ -153,7 +154,7 @@ def test_peft_checkpoint_loads_in_surgeon(tmp_path: Path, case, task_type, save,
     assert _perturb(pm) > 0
     pm.save_pretrained(tmp_path)
     model = S.load_adapter(case.build(), tmp_path)
-    assert head in dict(saved_modules(model))
+    assert head in dict(wrappers_of(model, SavedModule))
     assert (_out(case, model) - _out(case, pm)).abs().max().item() <= ATOL
     S.save_pretrained(model, tmp_path / "back")  # and surgeon writes it back as PEFT did
     ours = json.loads((tmp_path / "back" / "adapter_config.json").read_text())

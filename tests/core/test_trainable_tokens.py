@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
 import surgeon.api as S
-from surgeon import peft_format as pf
+from surgeon.peft_format import files
 from tests.core.test_oracle import ATOL, max_diff, quiet
 from tests.models import CASES
 
@@ -57,7 +57,7 @@ def test_surgeon_checkpoint_loads_in_peft(tmp_path: Path, form: str):
     ctx.__exit__(None, None, None)
     assert trainable(pm) == set()  # loaded for inference in both
     assert max_diff(logits(pm), logits(model)) <= ATOL
-    tensors = pf.read_checkpoint(tmp_path)[1]
+    tensors = files.read_checkpoint(tmp_path)[1]
     assert "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta" in tensors
     ctx = quiet()
     pm_full = get_peft_model(copy.deepcopy(base), LoraConfig(
@@ -118,7 +118,7 @@ def test_disable_and_failed_apply_leave_base():
 
 
 def test_error_during_commit_rolls_back(monkeypatch):
-    import surgeon.transaction as T
+    import surgeon.runtime.transaction as T
 
     base = CASES["llama"].build()
     model = copy.deepcopy(base)
@@ -151,6 +151,6 @@ def test_tied_output_embedding_follows_rows(tmp_path: Path):
     ctx.__exit__(None, None, None)
     assert type(pm.base_model.model.lm_head).__name__ == "TrainableTokensWrapper"
     assert max_diff(logits(pm), logits(model)) <= ATOL
-    assert set(pf.read_checkpoint(tmp_path)[1]) == set(get_peft_model_state_dict(pm))
+    assert set(files.read_checkpoint(tmp_path)[1]) == set(get_peft_model_state_dict(pm))
     plain, theirs = S.merge_and_unload(model), pm.merge_and_unload()
     assert max_diff(logits(plain), logits(theirs)) <= ATOL

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
+from surgeon.capture.names import selector_names
 from surgeon.lang import vocabulary as vocab
 from surgeon.lang.check_selection import slice_is_empty
 from surgeon.lang.kinds import Bool, Dict, Enum, Int, List, Number, Str
@@ -29,7 +30,6 @@ from surgeon.lang.spec import (
     Target,
     Tokens,
 )
-from surgeon.role_names import selector_names
 
 ident = st.from_regex(r"[a-z_][a-z0-9_]{0,5}", fullmatch=True)
 dotted = st.lists(ident, min_size=1, max_size=3).map(".".join)
@@ -118,7 +118,7 @@ def options(draw, method: str) -> tuple[Option, ...]:
 
 @st.composite
 def rules(draw, method: str):
-    allowed = sorted(vocab.RULES_OF[method] - {"tokens"})
+    allowed = sorted(vocab.rules_of(method) - {"tokens"})
     out = [Target(draw(selections()))]
     for kind in draw(st.lists(st.sampled_from(allowed), max_size=4)):
         if kind == "target":
@@ -134,7 +134,7 @@ def rules(draw, method: str):
             out.append(Alpha(value, draw(selections(only_layers=True))))
         else:
             out.append(Save(tuple(draw(st.lists(names, min_size=1, max_size=3)))))
-    if "tokens" in vocab.RULES_OF[method]:
+    if "tokens" in vocab.rules_of(method):
         modules = draw(st.lists(st.none() | dotted, unique=True, max_size=2))
         indices = st.lists(st.integers(0, 50_000), min_size=1, max_size=4).map(tuple)
         out += [Tokens(m, draw(indices)) for m in modules]
@@ -146,7 +146,7 @@ adapter_names = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,8}", fullmatch=Tru
 
 @st.composite
 def adapters(draw, name: str) -> Adapter:
-    method = draw(st.sampled_from(vocab.METHODS))
+    method = draw(st.sampled_from(vocab.methods()))
     return Adapter(name, method, draw(options(method)), draw(rules(method)))
 
 

@@ -32,7 +32,7 @@ def test_language_is_torch_free_and_grammar_is_lazy():
     code = (
         "import sys\n"
         "import surgeon.lang as lang\n"
-        "from surgeon.lang.parse import grammar_parser\n"
+        "from surgeon.lang.parser import grammar_parser\n"
         "assert grammar_parser.cache_info().currsize == 0, 'grammar built at import time'\n"
         "lang.parse('adapter a = lora() { target @attn.q }')\n"
         "assert grammar_parser.cache_info().currsize == 1\n"

@@ -19,8 +19,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from surgeon.modules import AdaptedLayer
-from surgeon.site import Site
+from surgeon.planning.site import Site
+from surgeon.runtime.adapted import AdaptedLayer
 
 KINDS = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgeon.methods import lora_dora
+from surgeon.methods.lora import dora as lora_dora
 from tests.lowering.peft_oracle import Variant, make_input, max_diff, pair
 
 TOL = 1e-5

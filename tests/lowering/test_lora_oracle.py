@@ -7,9 +7,17 @@ import copy
 import pytest
 import torch
 
-from surgeon.modules import AdaptedLayer
+from surgeon.runtime.adapted import AdaptedLayer
 from tests.lowering.peft_oracle import (
-    KINDS, Variant, copy_adapters, make_base, make_input, max_diff, pair, peft_layer, randomise,
+    KINDS,
+    Variant,
+    copy_adapters,
+    make_base,
+    make_input,
+    max_diff,
+    pair,
+    peft_layer,
+    randomise,
 )
 
 TOL = 1e-5

@@ -8,9 +8,15 @@ import warnings
 import pytest
 import torch
 
-from surgeon.modules import AdaptedLayer
+from surgeon.runtime.adapted import AdaptedLayer
 from tests.lowering.peft_oracle import (
-    Variant, add_peft_adapter, make_base, make_input, max_diff, peft_layer, randomise,
+    Variant,
+    add_peft_adapter,
+    make_base,
+    make_input,
+    max_diff,
+    peft_layer,
+    randomise,
 )
 
 TOL = 1e-5

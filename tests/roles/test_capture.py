@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import fx, nn
 
-from surgeon.capture import CaptureError, capture, capture_graph, meta_copy, repeated_blocks
-from surgeon.inputs import synthesize_inputs
-from surgeon.roles_infer import Role, RolesError, infer_roles
+from surgeon.capture.graph import CaptureError, capture, capture_graph, meta_copy, repeated_blocks
+from surgeon.capture.infer import Role, RolesError, infer_roles
+from surgeon.capture.inputs import synthesize_inputs
 from tests.roles.zoo import build
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from surgeon.roles_infer import infer_roles
-from tests.roles.test_pitfalls import D, MoE, Attention
+from surgeon.capture.infer import infer_roles
+from tests.roles.test_pitfalls import Attention, D, MoE
 from tests.roles.zoo import build, roles_of
 
 

@@ -20,7 +20,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 import surgeon
-from surgeon.inputs import synthesize_inputs
+from surgeon.capture.inputs import synthesize_inputs
 from tests.core.test_oracle import ATOL, max_diff, peft_targets, randomize, surgeon_targets
 from tests.roles.zoo import BUILDERS, build
 

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from surgeon.roles_infer import infer_roles
+from surgeon.capture.infer import infer_roles
 
 D, HEADS = 16, 4
 

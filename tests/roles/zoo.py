@@ -142,14 +142,14 @@ def build(arch: str) -> nn.Module:
 @functools.cache
 def roles_of(arch: str) -> dict[str, str]:
     """Inferred roles of the tiny `arch` model, computed once per test session."""
-    from surgeon.roles_infer import infer_roles
+    from surgeon.capture.infer import infer_roles
 
     return infer_roles(build(arch))
 
 
 def select(roles: dict[str, str], *selectors: str) -> set[str]:
     """Paths whose role matches any role selector (without its `@`)."""
-    from surgeon.role_names import role_matches
+    from surgeon.capture.names import role_matches
 
     return {path for path, role in roles.items()
             if any(role_matches(s.lstrip("@"), role) for s in selectors)}

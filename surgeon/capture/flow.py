@@ -1,0 +1,315 @@
+"""The captured graph seen as dataflow: what each node does, and which tensors flow where.
+
+Role rules never look at fx directly. `Flow` sorts every node into a few kinds (a projection
+that applies a weight, a matmul of two activations, an attention call, a softmax, an
+activation, a norm, a slice, ...) for both graph flavours: aten ops from `torch.export` and
+torch functions / leaf modules from `symbolic_trace`. Edges are floating-point tensors only:
+integer indices (MoE routing, positions) and SymInts would otherwise connect everything.
+Module names serve only to say which module owns a weight (`nn_module_stack`, `get_attr`).
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from surgeon.capture.graph import Capture
+from surgeon.layer_kinds import FAMILY, kind_of
+
+# Node kinds. PASS is anything data flows through unchanged in kind (views, casts, adds, ...).
+PARAM, INPUT, OUTPUT, PROJ, MATMUL, SDPA, SOFTMAX, TOPK, ACT, NORM, REDUCE, SLICE, PASS = (
+    "param", "input", "output", "proj", "matmul", "sdpa", "softmax", "topk", "act", "norm",
+    "reduce", "slice", "pass")
+
+_MATMULS = {"linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "addbmm", "einsum",
+            "grouped_mm_fallback", "_grouped_mm", "grouped_mm"}
+_CONVS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
+          "conv_transpose2d", "conv_transpose3d"}
+_NAMED = {
+    SDPA: {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+           "_scaled_dot_product_cudnn_attention"},
+    SOFTMAX: {"softmax", "_softmax", "_safe_softmax"},
+    TOPK: {"topk", "argmax", "argmin", "argsort", "sort"},
+    ACT: {"gelu", "silu", "relu", "relu6", "sigmoid", "tanh", "softplus", "mish", "elu", "selu",
+          "celu", "leaky_relu", "hardswish", "hardsigmoid", "hardtanh", "erf", "glu", "gelu_"},
+    NORM: {"layer_norm", "native_layer_norm", "rms_norm", "group_norm", "native_group_norm",
+           "batch_norm", "native_batch_norm", "instance_norm", "_native_batch_norm_legit",
+           "_native_batch_norm_legit_no_training"},
+    REDUCE: {"mean", "sum", "var", "var_mean", "std", "amax", "amin", "max", "min", "norm",
+             "linalg_vector_norm", "cumsum", "logsumexp", "prod"},
+    SLICE: {"getitem", "slice", "select", "narrow", "split", "chunk", "unbind", "split_with_sizes",
+            "tensor_split", "unsafe_split"},
+}
+_KIND_OF_NAME = {name: kind for kind, names in _NAMED.items() for name in names}
+# Ops a weight passes through between its parameter and the op that applies it.
+_WEIGHT_VIEWS = {"t", "transpose", "permute", "numpy_T", "view", "reshape", "expand", "to",
+                 "_to_copy", "contiguous", "clone", "select", "index", "slice", "unsqueeze",
+                 "squeeze", "alias", "detach", "type_as", "float", "half", "bfloat16", "getitem"}
+_WEIGHT_SCALES = {"mul", "div", "mul_", "div_"}
+_MODULE_KINDS: tuple[tuple[type, str], ...] = (
+    (nn.Softmax, SOFTMAX), (nn.LayerNorm, NORM), (nn.GroupNorm, NORM), (nn.modules.batchnorm._BatchNorm, NORM),
+    (nn.GELU, ACT), (nn.SiLU, ACT), (nn.ReLU, ACT), (nn.Sigmoid, ACT), (nn.Tanh, ACT), (nn.Mish, ACT),
+    (nn.GLU, ACT), (nn.LeakyReLU, ACT), (nn.ELU, ACT), (nn.Softplus, ACT), (nn.Hardswish, ACT),
+)
+
+
+def adaptable_kind(module: nn.Module) -> str | None:
+    """"linear", "conv" or "embedding" for a layer PEFT can adapt (`surgeon.layer_kinds`), else None."""
+    kind = kind_of(module)
+    return None if kind is None else FAMILY[kind]
+
+
+@dataclass(frozen=True)
+class Proj:
+    """A node that applies a weight to data: a linear, a convolution or an embedding lookup."""
+
+    node: fx.Node
+    kind: str  # "linear", "conv" or "embedding"
+    data: fx.Node  # the activation (or index) operand
+    module: str | None  # canonical path of the adaptable layer owning the weight, if any
+
+
+class Flow:
+    """Kinds, float-tensor edges, projections and input origins of one captured graph."""
+
+    def __init__(self, capture: Capture) -> None:
+        self.capture = capture
+        self.nodes: list[fx.Node] = list(capture.graph.graph.nodes)
+        self._names = _canonical_names(capture.model)
+        self.kind: dict[fx.Node, str] = {}
+        self.projs: dict[fx.Node, Proj] = {}
+        for node in self.nodes:
+            self._classify(node)
+
+    # ---- edges -------------------------------------------------------------------------------
+    def inputs(self, node: fx.Node) -> list[fx.Node]:
+        """Float-tensor operands of `node` (parameters excluded)."""
+        return [n for n in node.all_input_nodes if self.kind[n] != PARAM and _is_float(n)]
+
+    def users(self, node: fx.Node) -> list[fx.Node]:
+        """Nodes that read `node` as float data."""
+        return list(node.users) if _is_float(node) else []
+
+    @cached_property
+    def origins(self) -> dict[fx.Node, frozenset[str]]:
+        """The user inputs each node depends on, through every tensor edge but SymInts."""
+        found: dict[fx.Node, frozenset[str]] = {}
+        for node in self.nodes:
+            if self.kind[node] == INPUT:
+                found[node] = frozenset({node.name})
+                continue
+            deps = [found[n] for n in node.all_input_nodes if n in found and not _is_symint(n)]
+            found[node] = frozenset().union(*deps)
+        return found
+
+    def walk_back(self, start: fx.Node, through: frozenset[str], collect: frozenset[str]) -> list[fx.Node]:
+        """Nodes of a `collect` kind reached backwards from `start` (itself included) through
+        nodes of a `through` kind, nearest first."""
+        return self._walk([start], through, collect, forward=False, include_start=True)
+
+    def walk_forward(self, start: fx.Node, through: frozenset[str], collect: frozenset[str]) -> list[fx.Node]:
+        """Nodes of a `collect` kind reached forwards from `start` through `through` kinds;
+        a projection counts only where the walk arrives at its data operand."""
+        return self._walk([start], through, collect, forward=True, include_start=False)
+
+    def _walk(self, start: Iterable[fx.Node], through: frozenset[str], collect: frozenset[str],
+              forward: bool, include_start: bool) -> list[fx.Node]:
+        found: list[fx.Node] = []
+        seen: set[fx.Node] = set()
+        queue: deque[tuple[fx.Node | None, fx.Node]] = deque((None, n) for n in start)
+        while queue:
+            came_from, node = queue.popleft()
+            if node in seen:
+                continue
+            seen.add(node)
+            kind = self.kind[node]
+            if came_from is not None or include_start:
+                if kind in collect and self._arrives_at_data(came_from, node, forward):
+                    found.append(node)
+                    continue
+                if kind not in through:
+                    continue
+            nexts = self.users(node) if forward else self.inputs(node)
+            queue.extend((node, n) for n in nexts)
+        return found
+
+    def _arrives_at_data(self, came_from: fx.Node | None, node: fx.Node, forward: bool) -> bool:
+        return not (forward and node in self.projs and self.projs[node].data is not came_from)
+
+    def input_name(self, node: fx.Node) -> str:
+        """The model's name for a placeholder (`input_ids`), or its graph name."""
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        names = self.capture.inputs
+        return names[placeholders.index(node)] if len(names) == len(placeholders) else node.name
+
+    # ---- module paths ------------------------------------------------------------------------
+    def scope(self, node: fx.Node) -> str:
+        """Canonical path of the innermost module `node` ran in ("" at the top level)."""
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            return self.canonical(_strip_call_index(list(stack.values())[-1][0]))
+        return self.canonical(str(node.target)) if node.op == "call_module" else ""
+
+    def canonical(self, path: str) -> str:
+        """`path` (graph spelling) as the model's first name for that module."""
+        prefix = self.capture.prefix
+        if prefix and path.startswith(prefix):
+            path = path[len(prefix):]
+        elif prefix and path == prefix.rstrip("."):
+            path = ""
+        try:
+            return self._names.get(id(self.capture.model.get_submodule(path)), path)
+        except AttributeError:
+            return path
+
+    @cached_property
+    def called_modules(self) -> set[str]:
+        """Canonical paths of every module that ran during the trace."""
+        called: set[str] = set()
+        for node in self.nodes:
+            for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+                called.add(self.canonical(_strip_call_index(path)))
+            if node.op == "call_module":
+                called.add(self.canonical(str(node.target)))
+        return called
+
+    # ---- classification ----------------------------------------------------------------------
+    def _classify(self, node: fx.Node) -> None:
+        if node.op == "get_attr":
+            self.kind[node] = PARAM
+        elif node.op == "placeholder":
+            self.kind[node] = INPUT
+        elif node.op == "output":
+            self.kind[node] = OUTPUT
+        elif node.op == "call_module":
+            self._classify_module(node)
+        else:
+            self._classify_function(node, op_name(node))
+
+    def _classify_module(self, node: fx.Node) -> None:
+        module = self.capture.graph.get_submodule(str(node.target))
+        kind = adaptable_kind(module)
+        if kind is not None:
+            self._add_proj(node, kind, node.args[0], self.canonical(str(node.target)))
+            return
+        self.kind[node] = next((k for t, k in _MODULE_KINDS if isinstance(module, t)), PASS)
+
+    def _classify_function(self, node: fx.Node, name: str) -> None:
+        if name in _MATMULS:
+            operands = _matmul_operands(node, name)
+            weights = [o for o in operands if self._weight_param(o) is not None]
+            data = [o for o in operands if o not in weights]
+            if len(weights) == 1 and len(data) == 1:
+                self._add_proj(node, "linear", data[0], self._owner(node, weights[0]))
+            else:
+                self.kind[node] = MATMUL if len(data) == 2 else PASS
+        elif name in _CONVS and len(node.args) > 1 and self._weight_param(node.args[1]) is not None:
+            self._add_proj(node, "conv", node.args[0], self._owner(node, node.args[1]))
+        elif name == "embedding" and self._weight_param(node.args[0]) is not None:
+            self._add_proj(node, "embedding", node.args[1], self._owner(node, node.args[0]))
+        elif name in ("max", "min") and _uses_indices(node):
+            self.kind[node] = TOPK  # max(dim) whose indices select (phimoe's sparsemixer)
+        else:
+            self.kind[node] = _KIND_OF_NAME.get(name, PASS)
+
+    def _add_proj(self, node: fx.Node, kind: str, data: Any, module: str | None) -> None:
+        self.kind[node] = PROJ
+        self.projs[node] = Proj(node, kind, data, module)
+
+    def _weight_param(self, operand: Any) -> str | None:
+        """The parameter path behind a weight operand (through views, transposes, expert selects)."""
+        while isinstance(operand, fx.Node):
+            if operand.op == "get_attr":
+                return self.canonical_param(str(operand.target))
+            if operand.op not in ("call_function", "call_method") or not _weight_step(operand):
+                return None
+            operand = operand.args[0] if operand.args else None
+        return None
+
+    def canonical_param(self, target: str) -> str:
+        owner, _, name = target.rpartition(".")
+        return f"{self.canonical(owner)}.{name}" if owner else name
+
+    def _owner(self, node: fx.Node, weight: Any) -> str | None:
+        """The adaptable layer applying `weight`: the innermost module the node ran in when that
+        module holds this very weight (tied lm heads), else the parameter's own module."""
+        param = self._weight_param(weight)
+        assert param is not None
+        owner, _, name = param.rpartition(".")
+        model = self.capture.model
+        tensor = getattr(model.get_submodule(owner), name)
+        for path in (self.scope(node), owner):
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if adaptable_kind(module) and any(p is tensor for p in module.parameters(recurse=False)):
+                return path
+        return None
+
+
+def op_name(node: fx.Node) -> str:
+    """The op's short name: "linear" for aten.linear.default, torch.matmul, or Tensor.matmul."""
+    target = node.target
+    if node.op == "call_method":
+        return str(target)
+    packet = getattr(target, "_overloadpacket", None)
+    if packet is not None:
+        return packet.__name__
+    if target is operator.getitem:
+        return "getitem"
+    return getattr(target, "__name__", str(target))
+
+
+def _weight_step(node: fx.Node) -> bool:
+    """A step a weight takes on its way to the op applying it: a view, or a constant rescale
+    (rwkv rescales its weights in place at inference)."""
+    name = op_name(node)
+    if name in _WEIGHT_VIEWS:
+        return True
+    return name in _WEIGHT_SCALES and not any(isinstance(a, fx.Node) for a in node.args[1:])
+
+
+def _uses_indices(node: fx.Node) -> bool:
+    return any(op_name(u) == "getitem" and u.args[1] == 1 for u in node.users)
+
+
+def _matmul_operands(node: fx.Node, name: str) -> list[Any]:
+    if name == "linear":
+        return [node.args[0], node.args[1]]
+    if name in ("addmm", "baddbmm", "addbmm"):
+        return [node.args[1], node.args[2]]
+    if name == "einsum":
+        return list(node.args[1])
+    return [node.args[0], node.args[1]]
+
+
+def _is_float(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    if val is None:
+        return node.op != "get_attr"
+    if isinstance(val, (list, tuple)):
+        return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in val)
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+def _is_symint(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (torch.SymInt, int))
+
+
+def _strip_call_index(path: str) -> str:
+    """nn_module_stack spells the n-th call of a module `path@n`."""
+    return re.sub(r"@\d+", "", path)
+
+
+def _canonical_names(model: nn.Module) -> dict[int, str]:
+    return {id(module): name for name, module in model.named_modules()}

@@ -1,0 +1,239 @@
+"""Capture: a model's dataflow as a torch.fx graph, without touching its weights.
+
+`torch.export.export(strict=False)` is the front end (transformers 5 models do not
+`symbolic_trace`); `torch.fx.symbolic_trace` is the fallback for plain modules. Capture always
+works on a copy of the model on the meta device, so it allocates no weight memory and never
+changes the user's model.
+
+Repeated blocks (the `layers` of a transformer) are captured once per distinct structure: every
+other block of the same structure is short-circuited during the trace (its forward returns its
+input hidden states), so a 32-layer model costs about as much as a one-layer one. The graph keeps
+the representative blocks in their real context (encoder output, embeddings, head), and
+`Capture.stand_ins` says which block stands for which.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from surgeon.capture.inputs import ExampleInputs, synthesize_inputs
+from surgeon.errors import UserError
+from surgeon.layer_kinds import outer_stacks
+
+# Attribute under which the export wrapper holds the model; graph module paths start with it.
+WRAPPED = "m"
+_SUGGESTION = ("Select layers by name (\"q_proj\", /regex/) or by type (Linear) instead of by "
+               "role; those selectors need no graph.")
+
+
+class CaptureError(UserError, RuntimeError):
+    """The model's dataflow could not be captured; the message says why and what to do instead."""
+
+
+@dataclass(frozen=True)
+class Capture:
+    """A captured graph and how its module paths relate to the model's."""
+
+    graph: torch.fx.GraphModule
+    prefix: str  # prefix of module paths in node meta / get_attr targets ("m." under the wrapper)
+    frontend: str  # "export-blocks", "export" or "symbolic_trace"
+    stand_ins: Mapping[str, str]  # short-circuited block path -> path of the block captured for it
+    model: nn.Module  # the meta copy that was traced (paths in the graph resolve against it)
+    inputs: tuple[str, ...] = ()  # the model's name for each graph placeholder, in order
+
+
+class _Wrapper(nn.Module):
+    """Positional tensors in, a flat tuple of floating-point output tensors out."""
+
+    def __init__(self, model: nn.Module, inputs: ExampleInputs) -> None:
+        super().__init__()
+        self.m = model
+        self.inputs = inputs
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args, kwargs = self.inputs.split(tensors)
+        out = self.m(*args, **kwargs)
+        leaves = pytree.tree_leaves(out)
+        return tuple(t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def capture_graph(model: nn.Module, example_inputs: Any = None) -> torch.fx.GraphModule:
+    """The whole model as one fx graph (every block traced), on the meta device.
+
+    Args:
+        model: any `nn.Module`; transformers models need no inputs.
+        example_inputs: a tensor, a tuple of positional tensors, a dict of keyword tensors or an
+            `ExampleInputs`; None synthesizes them from a transformers config.
+    Returns:
+        The exported (or symbolically traced) GraphModule. Module paths in `nn_module_stack`
+        and `get_attr` targets of an exported graph start with "m." (the export wrapper).
+    Example:
+        >>> gm = capture_graph(AutoModelForCausalLM.from_config(cfg))
+    """
+    return capture(model, example_inputs, blocks=False).graph
+
+
+def capture(model: nn.Module, example_inputs: Any = None, *, blocks: bool = True) -> Capture:
+    """Capture `model`, short-circuiting repeated blocks when `blocks` is set.
+
+    Tries, in order: export with stand-ins for repeated blocks, export of the whole model,
+    `symbolic_trace`. Raises `CaptureError` with every front end's reason when none works.
+    """
+    inputs = as_example_inputs(model, example_inputs)
+    reasons: list[str] = []
+    if inputs is None:
+        reasons.append("export: no example inputs (give `example_inputs`, or use a transformers model)")
+    attempts = ((True, "export-blocks"), (False, "export")) if blocks else ((False, "export"),)
+    for use_blocks, frontend in attempts if inputs is not None else ():
+        try:
+            return _export(meta_copy(model).eval(), inputs, use_blocks, frontend)
+        except Exception as error:  # noqa: BLE001 - any tracing failure moves to the next front end
+            reasons.append(f"{frontend}: {_first_line(error)}")
+    try:
+        meta = meta_copy(model).eval()
+        return Capture(torch.fx.symbolic_trace(meta), "", "symbolic_trace", {}, meta)
+    except Exception as error:  # noqa: BLE001
+        reasons.append(f"symbolic_trace: {_first_line(error)}")
+    raise CaptureError(
+        f"Could not capture the dataflow of `{type(model).__name__}`: " + "; ".join(reasons)
+        + f". {_SUGGESTION}"
+    )
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose parameters and buffers are empty meta tensors.
+
+    The deepcopy memo maps every tensor to its meta twin before copying, so no weight is ever
+    duplicated in memory and tied weights stay tied. Each capture attempt takes a fresh copy
+    (in eval mode: inference dataflow, no train-only sampling) because stand-ins change it.
+    """
+    memo: dict[int, Any] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) in memo:
+            continue
+        empty = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = empty
+    return copy.deepcopy(model, memo)
+
+
+def as_example_inputs(model: nn.Module, example_inputs: Any) -> ExampleInputs | None:
+    """The user's inputs in one shape, moved to the meta device; synthesized when None."""
+    if example_inputs is None:
+        return synthesize_inputs(model, "meta")
+    if isinstance(example_inputs, ExampleInputs):
+        return example_inputs.to("meta")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, Mapping):
+        tensors = {k: v for k, v in example_inputs.items() if isinstance(v, torch.Tensor)}
+        options = tuple((k, v) for k, v in example_inputs.items() if k not in tensors)
+        return ExampleInputs((), tuple(tensors.items()), options).to("meta")
+    return ExampleInputs(tuple(example_inputs)).to("meta")
+
+
+def _export(meta: nn.Module, inputs: ExampleInputs, use_blocks: bool, frontend: str) -> Capture:
+    stand_ins = _install_stand_ins(meta) if use_blocks else {}
+    if use_blocks and not stand_ins:
+        raise CaptureError("no repeated blocks to short-circuit")
+    # no_grad: no grad-mode HOPs in the graph; meta: tensors the forward creates meet the weights
+    with torch.no_grad(), torch.device("meta"):
+        program = torch.export.export(_Wrapper(meta, inputs), inputs.flat(), strict=False)
+    return Capture(program.module(), WRAPPED + ".", frontend, stand_ins, meta, inputs.names())
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+# ---- repeated blocks -------------------------------------------------------------------------
+
+def repeated_blocks(model: nn.Module) -> dict[str, list[str]]:
+    """Representative block path -> its siblings of identical structure, for every block stack.
+
+    Stacks and their blocks are `surgeon.layer_kinds.outer_stacks`, the definition layer indices
+    use too, so a block stands in for exactly the blocks that share its layer numbering.
+    """
+    groups: dict[str, list[str]] = {}
+    for path, blocks in outer_stacks(model.named_modules()).items():
+        container = model.get_submodule(path)
+        seen: dict[tuple, str] = {}
+        for name in blocks:
+            child_path = f"{path}.{name}" if path else name
+            rep = seen.setdefault(_structure(container.get_submodule(name)), child_path)
+            groups.setdefault(rep, [])
+            if rep != child_path:
+                groups[rep].append(child_path)
+    return {rep: sibs for rep, sibs in groups.items() if sibs}
+
+
+def _structure(block: nn.Module) -> tuple:
+    """What must match for one block's roles to hold for another: types, paths, shapes."""
+    return tuple(
+        (path, type(module).__qualname__,
+         tuple((name, tuple(p.shape)) for name, p in module.named_parameters(recurse=False)))
+        for path, module in block.named_modules()
+    )
+
+
+def _install_stand_ins(meta: nn.Module) -> dict[str, str]:
+    """Replace every sibling block of the meta copy by a stand-in; return sibling -> representative."""
+    outputs: dict[str, Any] = {}
+    stand_ins: dict[str, str] = {}
+    for rep, siblings in repeated_blocks(meta).items():
+        meta.get_submodule(rep).register_forward_hook(functools.partial(_record, outputs, rep))
+        for sibling in siblings:
+            parent, _, name = sibling.rpartition(".")
+            block = meta.get_submodule(sibling)
+            setattr(meta.get_submodule(parent), name, _StandIn(block, functools.partial(_pass_through, outputs, rep)))
+            stand_ins[sibling] = rep
+    return stand_ins
+
+
+class _StandIn(nn.Module):
+    """Takes a sibling block's place in the meta copy during capture.
+
+    It owns no parameters, so the sibling's weights never enter the exported program (lifting
+    them is what makes a 32-layer export slow); attribute reads the model's forward makes on its
+    layers (`layer.attention_type`) still reach the block it replaces.
+    """
+
+    def __init__(self, block: nn.Module, forward: Any) -> None:
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # unregistered on purpose
+        object.__setattr__(self, "_forward", forward)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return object.__getattribute__(self, "_forward")(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_block"), name)
+
+
+def _record(outputs: dict[str, Any], rep: str, module: nn.Module, args: Any, output: Any) -> None:
+    outputs[rep] = output
+
+
+def _pass_through(outputs: dict[str, Any], rep: str, *args: Any, **kwargs: Any) -> Any:
+    """A sibling's stand-in: the representative's output with the hidden states passed through."""
+    if rep not in outputs:
+        raise CaptureError(f"block `{rep}` did not run before the blocks it stands for")
+    candidates = (kwargs.get("hidden_states"), *args, *kwargs.values())
+    hidden = next(t for t in candidates if isinstance(t, torch.Tensor) and t.is_floating_point())
+    leaves, spec = pytree.tree_flatten(outputs[rep])
+    index = next((i for i, t in enumerate(leaves)
+                  if isinstance(t, torch.Tensor) and t.shape == hidden.shape), None)
+    if index is None:
+        raise CaptureError(f"block `{rep}` returns no tensor shaped like its hidden states")
+    leaves[index] = hidden
+    return pytree.tree_unflatten(leaves, spec)

@@ -1,0 +1,199 @@
+"""Roles from the graph: what each adaptable layer does, decided by dataflow alone.
+
+`infer_roles(model)` captures the model (surgeon.capture.graph), reads the graph as dataflow
+(surgeon.capture.flow) and applies one small rule per role, in priority order:
+
+1. embed      an embedding indexed by a model input (token ids), not by computed positions;
+2. attention  q/k/v/o (fused qkv/kv; xattn.* for cross-attention), see roles_attention;
+3. router     a projection whose output reaches `topk` (MoE); experts keep their MLP roles;
+4. mlp        up/gate/down/gate_up, see roles_mlp;
+5. head       a projection whose output reaches a model output and no other projection;
+6. other      everything else, dead modules included.
+
+Module names are never consulted, except to say which module owns a weight. Layers of repeated
+blocks that capture short-circuited take the role of the same layer in the block captured for
+them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx, nn
+
+from surgeon.capture.attention import Found, attention_roles, find_cores
+from surgeon.capture.flow import (
+    ACT,
+    INPUT,
+    OUTPUT,
+    PASS,
+    PROJ,
+    REDUCE,
+    SLICE,
+    SOFTMAX,
+    TOPK,
+    Flow,
+    adaptable_kind,
+    op_name,
+)
+from surgeon.capture.graph import Capture, CaptureError, capture
+from surgeon.capture.mlp import mlp_roles
+from surgeon.capture.names import ROLES
+
+_SUGGESTION = "Select these layers by name (\"q_proj\", /regex/) or by type (Linear) instead."
+# Ops between an index input and the embedding lookup that keep it "the input".
+_INDEX_VIEWS = frozenset({"view", "reshape", "unsqueeze", "squeeze", "to", "_to_copy", "expand",
+                          "contiguous", "clone", "flatten", "alias", "lift_fresh_copy"})
+# Between a router's logits and topk: softmax, casts, jitter, normalisation.
+_TO_TOPK = frozenset({PASS, SLICE, ACT, SOFTMAX, REDUCE})
+
+
+class Role(str):
+    """A role name (one of `role_names.ROLES`) and the dataflow fact that decided it.
+
+    It compares and hashes as its name: `Role("attn.q", "...") == "attn.q"`.
+    """
+
+    evidence: str
+
+    def __new__(cls, name: str, evidence: str) -> Role:
+        if name not in ROLES:
+            raise ValueError(f"unknown role `{name}`; roles are {', '.join(ROLES)}")
+        role = super().__new__(cls, name)
+        role.evidence = evidence
+        return role
+
+    def __repr__(self) -> str:
+        return f"Role({str(self)!r}, evidence={self.evidence!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Role, (str(self), self.evidence))
+
+
+class RolesError(CaptureError):
+    """Roles cannot be inferred because the model's dataflow could not be captured."""
+
+
+def infer_roles(model: nn.Module, *, example_inputs: Any = None) -> dict[str, Role]:
+    """The role of every adaptable layer (Linear, transformers Conv1D, Conv1d/2d/3d, Embedding).
+
+    Args:
+        model: the model; it is not modified (capture works on a meta-device copy).
+        example_inputs: as for `surgeon.capture.graph.capture_graph`; None for transformers models.
+    Returns:
+        Module path -> Role, in `model.named_modules()` order, for every adaptable layer.
+    Raises:
+        RolesError: the dataflow could not be captured (the message says why).
+    Example:
+        >>> roles = infer_roles(model)
+        >>> roles["model.layers.0.self_attn.q_proj"], roles["model.layers.0.self_attn.q_proj"].evidence
+        ('attn.q', 'reaches the query operand of scaled_dot_product_attention in `model.layers.0.self_attn`')
+    """
+    try:
+        captured = capture(model, example_inputs)
+    except CaptureError as error:
+        raise RolesError(f"Cannot infer roles: {error}") from None
+    return roles_of_capture(captured, model)
+
+
+def roles_of_capture(captured: Capture, model: nn.Module) -> dict[str, Role]:
+    """Roles from an existing capture of `model` (the planner may capture once and reuse it)."""
+    flow = Flow(captured)
+    decided = _decide(flow)
+    roles: dict[str, Role] = {}
+    for path, module in model.named_modules():
+        if adaptable_kind(module) is not None:
+            roles[path] = decided.get(path) or _undecided(flow, captured, decided, path)
+    return roles
+
+
+def _decide(flow: Flow) -> dict[str, Role]:
+    """Rules in priority order; a module keeps the first role any of its calls gets."""
+    decided: dict[str, Role] = {}
+    taken: set[fx.Node] = set()
+
+    def keep(found: list[Found]) -> None:
+        for item in found:
+            module = flow.projs[item.node].module
+            taken.add(item.node)
+            if module is not None and module not in decided:
+                decided[module] = Role(item.role, item.evidence)
+
+    keep(embed_roles(flow))
+    keep(attention_roles(flow, find_cores(flow)))
+    keep(router_roles(flow, _free(flow, taken)))
+    keep(mlp_roles(flow, _free(flow, taken)))
+    keep(head_roles(flow, _free(flow, taken)))
+    return decided
+
+
+def _free(flow: Flow, taken: set[fx.Node]) -> list[fx.Node]:
+    return [n for n in flow.projs if n not in taken]
+
+
+def embed_roles(flow: Flow) -> list[Found]:
+    """Embeddings looked up with a model input itself (token ids); position, token-type and
+    relative-bucket tables are indexed by values computed in the graph and stay `other`."""
+    found = []
+    for node, proj in flow.projs.items():
+        if proj.kind != "embedding":
+            continue
+        source = _index_source(flow, proj.data)
+        if source is not None:
+            found.append(Found(node, "embed", f"looked up with the model input `{source}`"))
+        else:
+            found.append(Found(node, "other", "an embedding indexed by values computed in the graph "
+                               "(positions, token types, buckets), not by a model input"))
+    return found
+
+
+def _index_source(flow: Flow, index: Any) -> str | None:
+    """The model input an embedding index is, through reshapes and casts only."""
+    while isinstance(index, fx.Node):
+        if flow.kind[index] == INPUT:
+            return flow.input_name(index)
+        if index.op not in ("call_function", "call_method") or op_name(index) not in _INDEX_VIEWS:
+            return None
+        index = index.args[0]
+    return None
+
+
+def router_roles(flow: Flow, candidates: list[fx.Node]) -> list[Found]:
+    """MoE routers: the logits reach topk (through softmax and normalisation)."""
+    found = []
+    for node in candidates:
+        hits = flow.walk_forward(node, _TO_TOPK, frozenset({TOPK}))
+        if hits:
+            found.append(Found(node, "moe.router", f"its output reaches topk in `{flow.scope(hits[0])}`"))
+    return found
+
+
+def head_roles(flow: Flow, candidates: list[fx.Node]) -> list[Found]:
+    """Output heads: the projection's output reaches a model output and no other projection."""
+    everything = frozenset(set(flow.kind.values()) - {PROJ, OUTPUT})
+    found = []
+    for node in candidates:
+        if flow.projs[node].kind == "embedding":
+            continue
+        reached = flow.walk_forward(node, everything, frozenset({PROJ, OUTPUT}))
+        if reached and all(flow.kind[n] == OUTPUT for n in reached):
+            found.append(Found(node, "head", "its output reaches a model output without passing "
+                               "another projection"))
+    return found
+
+
+def _undecided(flow: Flow, captured: Capture, decided: dict[str, Role], path: str) -> Role:
+    """`other`, or the role of the same layer in the block that stood in for this one."""
+    for sibling, rep in captured.stand_ins.items():
+        if path.startswith(sibling + "."):
+            twin = rep + path[len(sibling):]
+            if twin in decided:
+                role = decided[twin]
+                return Role(role, f"{role.evidence} (as `{twin}`: same block structure)")
+            return Role("other", f"as `{twin}` (same block structure): "
+                        + _undecided(flow, captured, decided, twin).evidence)
+    if path not in flow.called_modules:
+        return Role("other", "never called in the captured forward pass (dead)")
+    if not any(p.module == path for p in flow.projs.values()):
+        return Role("other", "called, but its weight is never applied to data (read directly)")
+    return Role("other", "no attention, MLP, router, embedding or head pattern in its dataflow")

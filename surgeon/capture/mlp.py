@@ -1,0 +1,106 @@
+"""MLP roles: up, gate, down and fused gate_up, from how projections feed each other.
+
+Walking forwards from a projection through pointwise ops only (stopping at projections,
+matmuls, norms and reductions) finds the projections it feeds, and for each path whether it
+crossed an activation and through which slice of the output it went:
+- `down` reads another projection through an activation;
+- with two feeders, the one through the activation is `gate`, the one without is `up`;
+- a lone feeder through an activation is `up` (`fc1 -> gelu -> fc2`), even when the activation
+  is written by hand as `x * sigmoid(x)` or gelu-tanh (paths with and without the nonlinearity,
+  but through the same slice);
+- a lone feeder reaching `down` through two slices of its output, one through the activation
+  and one without, is a fused `gate_up`.
+Only linear projections take part: conv stacks (whisper's front end, a CNN) keep no MLP role.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from torch import fx
+
+from surgeon.capture.attention import Found
+from surgeon.capture.flow import ACT, PASS, PROJ, SLICE, Flow, op_name
+
+
+@dataclass(frozen=True)
+class _Path:
+    """How a walk reached a projection: the first slice it went through, the first activation."""
+
+    slice: fx.Node | None
+    act: str | None
+
+
+def mlp_roles(flow: Flow, candidates: list[fx.Node]) -> list[Found]:
+    """Roles for the linear projections in `candidates` (those without an attention role)."""
+    pool = {n for n in candidates if flow.projs[n].kind == "linear"}
+    feeders: dict[fx.Node, dict[fx.Node, set[_Path]]] = {}
+    for node in flow.nodes:
+        if node in pool:
+            for down, paths in _feeds(flow, node).items():
+                if down in pool:
+                    feeders.setdefault(down, {})[node] = paths
+    found: list[Found] = []
+    for down, by_feeder in feeders.items():
+        if any(p.act for paths in by_feeder.values() for p in paths):
+            found.extend(_classify(flow, down, by_feeder))
+    return found
+
+
+def _feeds(flow: Flow, start: fx.Node) -> dict[fx.Node, set[_Path]]:
+    """Projections `start` reaches through pointwise ops, with every distinct way it got there."""
+    reached: dict[fx.Node, set[_Path]] = {}
+    seen: set[tuple[fx.Node, _Path]] = set()
+    queue = deque([(start, _Path(None, None))])
+    while queue:
+        node, path = queue.popleft()
+        for user in flow.users(node):
+            kind = flow.kind[user]
+            if kind == PROJ:
+                if flow.projs[user].data is node:
+                    reached.setdefault(user, set()).add(path)
+                continue
+            if kind not in (PASS, SLICE, ACT):
+                continue
+            step = _Path(path.slice or (user if kind == SLICE and _is_part(user) else None),
+                         path.act or (op_name(user) if kind == ACT else None))
+            if (user, step) not in seen:
+                seen.add((user, step))
+                queue.append((user, step))
+    return reached
+
+
+def _is_part(node: fx.Node) -> bool:
+    """A node that takes one part of a tensor (not the op that splits it into a list)."""
+    return op_name(node) in ("getitem", "slice", "select", "narrow")
+
+
+def _classify(flow: Flow, down: fx.Node, by_feeder: dict[fx.Node, set[_Path]]) -> list[Found]:
+    where = f"`{flow.projs[down].module or flow.scope(down)}`"
+    acts = sorted({p.act for paths in by_feeder.values() for p in paths if p.act})
+    act = "/".join(acts)
+    found = [Found(down, "mlp.down", f"reads the output of another projection through {act}")]
+    if len(by_feeder) == 1:
+        (feeder, paths), = by_feeder.items()
+        if _split_gate_up(paths):
+            found.append(Found(feeder, "mlp.gate_up", f"one slice of its output passes {act}, "
+                               f"another does not, and both reach {where}"))
+        else:
+            found.append(Found(feeder, "mlp.up", f"feeds {where} through {act}"))
+        return found
+    for feeder, paths in by_feeder.items():
+        # gelu-tanh by hand multiplies x by a function of x: some paths skip the nonlinearity
+        if any(p.act for p in paths):
+            found.append(Found(feeder, "mlp.gate", f"feeds {where} through {act}, gating a "
+                               "projection that reaches it without one"))
+        else:
+            found.append(Found(feeder, "mlp.up", f"feeds {where} without an activation, gated "
+                               "by a projection that passes one"))
+    return found
+
+
+def _split_gate_up(paths: set[_Path]) -> bool:
+    gated = {p.slice for p in paths if p.act and p.slice is not None}
+    plain = {p.slice for p in paths if not p.act and p.slice is not None}
+    return bool(gated) and bool(plain) and gated != plain

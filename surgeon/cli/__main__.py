@@ -1,0 +1,6 @@
+"""`python -m surgeon.cli`."""
+import sys
+
+from surgeon.cli.main import main
+
+sys.exit(main())

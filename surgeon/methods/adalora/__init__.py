@@ -1,0 +1,1 @@
+"""AdaLoRA: `config.py` (torch-free). Parsed and converted; not applied yet (no `layer.py`)."""

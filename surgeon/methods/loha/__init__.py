@@ -1,0 +1,1 @@
+"""LoHa: `config.py` (torch-free). Parsed and converted; not applied yet (no `layer.py`)."""

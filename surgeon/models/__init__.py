@@ -1,0 +1,5 @@
+"""Models named on the command line: Hub ids, local folders, `tiny:<type>`, `minilm`, `py:`.
+
+    load.py  resolve a model argument to a loaded module (one place for every command)
+    tiny.py  shrink any transformers config to a tiny one
+"""

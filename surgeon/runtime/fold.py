@@ -1,0 +1,109 @@
+"""The fold step: write adapters into an adapted layer's base weight, and take them out again.
+
+This is the only code that writes base weights; the merge and unmerge passes only rewrite the
+graph afterwards (`AdaptedLayer.merge` / `unmerge` run this, then take the graph for the new
+state). The delta math is the method's (`MethodRuntime.fold` / `unfold` / `bias_delta`) on the
+out-major view of the weight (`surgeon.runtime.base_kinds`), so it is written once per method.
+
+Preconditions: the base weight is a plain floating-point Parameter (not quantised), and a
+convolution has `groups == 1` (as PEFT).
+
+Postconditions of `merge_weights`: for each adapter not merged yet, in the given order, the
+base weight (and bias, with `lora_bias`) holds the adapter's delta, computed and accumulated in
+at least fp32 and cast once to the weight's dtype, written in place (so tied weights follow, as
+in PEFT); the adapter is appended to `layer.merged_adapters`. With `safe_merge`, a non-finite
+result raises ValueError before that adapter is written. `unmerge_weights` undoes every merge,
+newest first, and leaves `layer.merged_adapters` empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from surgeon.runtime.base_kinds import CONV_KINDS, from_out_major, to_out_major
+
+if TYPE_CHECKING:
+    from surgeon.runtime.method import MethodLayer
+
+
+def merge_weights(layer: MethodLayer, adapters: Sequence[str], safe_merge: bool) -> bool:
+    """Fold each of `adapters` on the layer that is not merged yet; True if any was written."""
+    todo = [a for a in adapters if a in layer.sites and a not in layer.merged_adapters]
+    for adapter in todo:
+        fold_adapter(layer, adapter, safe_merge)
+    return bool(todo)
+
+
+def unmerge_weights(layer: MethodLayer) -> bool:
+    """Unfold every merged adapter, newest first (PEFT pops them); True if any was."""
+    unfolded = bool(layer.merged_adapters)
+    while layer.merged_adapters:
+        unfold_adapter(layer, layer.merged_adapters[-1])
+        layer.merged_adapters.pop()
+    return unfolded
+
+
+def accumulation_dtype(weight: torch.Tensor) -> torch.dtype:
+    """At least fp32: half-precision sums of deltas lose the low bits PEFT keeps."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def check_mergeable(layer: MethodLayer) -> None:
+    base = layer.base_layer
+    if layer.kind in CONV_KINDS and base.groups > 1:
+        raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
+    if type(base.weight) is not torch.nn.Parameter or not base.weight.dtype.is_floating_point:
+        raise NotImplementedError(
+            f"Cannot merge into a base weight of type {type(base.weight).__name__} and dtype "
+            f"{base.weight.dtype}: only plain floating-point weights are supported.")
+
+
+def unmerged_weight(layer: MethodLayer, weight: torch.Tensor) -> torch.Tensor:
+    """The out-major weight with every merged adapter taken out, newest first (for DoRA)."""
+    for adapter in reversed(layer.merged_adapters):
+        weight = layer.method.unfold(layer, adapter, weight)
+    return weight
+
+
+def fold_adapter(layer: MethodLayer, adapter: str, safe_merge: bool) -> None:
+    """Write `adapter` into the base weight (and bias) and record it as merged."""
+    check_mergeable(layer)
+    base, kind = layer.base_layer, layer.kind
+    weight = base.weight
+    current = to_out_major(weight.detach(), kind).to(accumulation_dtype(weight))
+    merged = layer.method.fold(layer, adapter, current, unmerged_weight(layer, current))
+    new_weight = from_out_major(merged, kind, weight.shape).to(weight.dtype)
+    new_bias = None
+    bias_delta = layer.method.bias_delta(layer, adapter)
+    if bias_delta is not None:
+        if base.bias is None:
+            raise RuntimeError(
+                "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+        acc = accumulation_dtype(base.bias)
+        new_bias = (base.bias.detach().to(acc) + bias_delta.to(acc)).to(base.bias.dtype)
+    if safe_merge and not (torch.isfinite(new_weight).all() and
+                           (new_bias is None or torch.isfinite(new_bias).all())):
+        raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be "
+                         "broken")
+    with torch.no_grad():
+        weight.copy_(new_weight)
+        if new_bias is not None:
+            base.bias.copy_(new_bias)
+    layer.merged_adapters.append(adapter)
+
+
+def unfold_adapter(layer: MethodLayer, adapter: str) -> None:
+    """Subtract `adapter` (the newest merged one) from the base weight and bias."""
+    base, kind = layer.base_layer, layer.kind
+    weight = base.weight
+    current = to_out_major(weight.detach(), kind).to(accumulation_dtype(weight))
+    restored = layer.method.unfold(layer, adapter, current)
+    bias_delta = layer.method.bias_delta(layer, adapter)
+    with torch.no_grad():
+        weight.copy_(from_out_major(restored, kind, weight.shape).to(weight.dtype))
+        if bias_delta is not None:
+            acc = accumulation_dtype(base.bias)
+            base.bias.copy_((base.bias.detach().to(acc) - bias_delta.to(acc)).to(base.bias.dtype))

@@ -1,0 +1,257 @@
+"""The forward graph of an adapted layer: node builder, provenance tags, and the fast compile.
+
+Every node a pass inserts carries `node.meta["surgeon"] = {"rule", "pass", "adapter", "role"}`:
+`rule` is the `file:line:col` of the spec rule behind the adapter (`Site.rule`, "" for the
+base call), `pass` the pass that inserted the node, `adapter` the adapter it belongs to (None
+for the base call), and `role` one of: "input" (the `x` placeholder), "base" / "base_out" (the
+base call, its last node), "branch", "rows" (a mixed-batch placeholder), "result" (the last
+node of a branch, always `add`-like with the previous result as `args[0]`) or "epilogue" (a
+final cast back to the base output dtype).
+
+`compile_forward` turns the graph into the function the layer runs. It is the fx code with one
+rewrite: `self.lora_A.default.weight` becomes `self._modules['lora_A']._modules['default']
+._parameters['weight']`. On CPython 3.11 each `nn.Module.__getattr__` first fails the normal
+lookup and raises an AttributeError internally (~1 us each); plain dict lookups cost ~40 ns and
+still resolve live, so replaced parameters and `.to()` stay correct.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import linecache
+import operator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import fx, nn
+
+if TYPE_CHECKING:
+    from surgeon.planning.site import Site
+
+META = "surgeon"
+
+
+class LayerView(Protocol):
+    """What graph code reads from an adapted layer: the Builder, the passes and a method's
+    `emit` are typed against this, not `surgeon.runtime.adapted.AdaptedLayer` (which implements
+    it), so they stand on the IR alone and the layer can import them without a cycle."""
+
+    base_layer: nn.Module  # the wrapped host module; graph targets start "base_layer."
+    kind: str  # its `Site.kind`
+    sites: dict[str, Site]  # every adapter on the layer, by name
+    merged_adapters: list[str]  # adapters folded into the base weight, in merge order
+    training: bool  # train-mode graphs keep dropout
+
+    @property
+    def path(self) -> str:
+        """The layer's path in the host model (for error notes)."""
+        ...
+
+    def lowered_adapters(self) -> list[str]:
+        """The adapters whose branch the whole-batch graph runs, in order."""
+        ...
+
+    def adapter_parameters(self, adapter: str) -> Iterator[nn.Parameter]:
+        """The parameters of `adapter` on the layer."""
+        ...
+
+    def get_submodule(self, target: str) -> nn.Module: ...
+
+    def __getattr__(self, name: str) -> Any:
+        """The method's parameter containers (`lora_A`, ...), named by `MethodRuntime.containers`."""
+        ...
+
+
+def tag(node: fx.Node) -> dict[str, Any]:
+    """The provenance tag of `node` (empty for untagged nodes such as placeholders)."""
+    return node.meta.get(META, {})
+
+
+class Builder:
+    """Emits nodes before `anchor`, each tagged `dict(tag, role=...)`.
+
+    Args:
+        graph: the graph to edit.
+        layer: the adapted layer the graph belongs to (attribute targets resolve against it).
+        x: the node holding the layer input.
+        anchor: nodes are inserted before it (the output or the epilogue).
+        tag: provenance `{"rule", "pass", "adapter"}` for every node emitted.
+        role: the role of emitted nodes ("base" or "branch"; `result` nodes say "result").
+    """
+
+    def __init__(self, graph: fx.Graph, layer: LayerView, x: fx.Node, anchor: fx.Node,
+                 tag: dict[str, Any], role: str = "branch") -> None:
+        self.graph, self.layer, self.x, self.anchor = graph, layer, x, anchor
+        self.tag, self.role = tag, role
+
+    def _new(self, op: str, target: Any, args: tuple, kwargs: dict | None = None,
+             role: str | None = None) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.create_node(op, target, args, kwargs or {})
+        node.meta[META] = dict(self.tag, role=role or self.role)
+        return node
+
+    def attr(self, target: str) -> fx.Node:
+        """A `get_attr` of `target`, shared with the base or this adapter's nodes when present."""
+        for node in self.graph.nodes:
+            if node.op == "get_attr" and node.target == target and \
+                    tag(node).get("adapter") in (None, self.tag["adapter"]):
+                return node
+        return self._new("get_attr", target, ())
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
+        return self._new("call_function", fn, args, kwargs)
+
+    def method(self, name: str, *args: Any, **kwargs: Any) -> fx.Node:
+        return self._new("call_method", name, args, kwargs)
+
+    def module(self, target: str, *args: Any) -> fx.Node:
+        return self._new("call_module", target, args)
+
+    def result(self, prev: fx.Node, delta: fx.Node, alpha: float = 1.0) -> fx.Node:
+        """The branch's result node: `prev + alpha * delta`, `prev` first (see module docstring)."""
+        return self._new("call_function", torch.add, (prev, self._scaled(delta, alpha)), {},
+                         role="result")
+
+    def index_result(self, prev: fx.Node, rows: fx.Node, delta: fx.Node, alpha: float) -> fx.Node:
+        """Mixed-batch result: `prev` with `alpha * delta` added at `rows`."""
+        return self._new("call_function", torch.index_add, (prev, 0, rows, self._scaled(delta, alpha)),
+                         {}, role="result")
+
+    def _scaled(self, delta: fx.Node, alpha: float) -> fx.Node:
+        # A separate multiply, not `torch.add(..., alpha=)`: torch 2.13's inductor (CPU) drops
+        # the alpha of an add fused with a matmul and computes wrong results.
+        return delta if alpha == 1.0 else self.call(operator.mul, delta, alpha)
+
+
+def _format_target(base: str, target: str) -> str:
+    """The attribute chain fx's codegen writes for `target` (see torch.fx.graph)."""
+    expr = base
+    for part in target.split("."):
+        expr = f"{expr}.{part}" if part.isidentifier() else f'getattr({expr}, "{part}")'
+    return expr
+
+
+def _fast_target(root: nn.Module, target: str) -> str:
+    """`target` as dict lookups: `_modules[...]` down the path, then the leaf's own dict."""
+    expr, module = "self", root
+    *path, leaf = target.split(".")
+    for part in path:
+        expr, module = f"{expr}._modules[{part!r}]", module._modules[part]
+    for table in ("_parameters", "_buffers", "_modules"):
+        if leaf in getattr(module, table):
+            return f"{expr}.{table}[{leaf!r}]"
+    return f"getattr({expr}, {leaf!r})"
+
+
+def compile_forward(graph: fx.Graph, layer: nn.Module) -> Callable[..., Any]:
+    """Compile `graph` into `forward(self, *inputs)` with fast attribute access (see above).
+
+    Layers with the same structure generate the same source and share one function object.
+
+    Args:
+        graph: a linted graph whose attribute targets resolve in `layer`.
+        layer: the module the function will be called with as `self`.
+    """
+    rewrites: dict[str, tuple[str, str]] = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            rewrites[node.name] = (_format_target("self", node.target),
+                                   _fast_target(layer, node.target))
+    try:
+        key = (_structure(graph), tuple(rewrites.items()))
+        return _BY_STRUCTURE[key]
+    except TypeError:  # an unhashable constant in the graph: no structural sharing
+        key = None
+    except KeyError:
+        pass
+    fn = _compile(graph, rewrites)
+    if key is not None:
+        if len(_BY_STRUCTURE) >= _MAX_CACHED:
+            _BY_STRUCTURE.clear()
+        _BY_STRUCTURE[key] = fn
+    return fn
+
+
+# Functions by graph structure: the layers of a model mostly share one or two structures, so
+# all but the first skip fx's code generation (the bulk of lowering a layer).
+_BY_STRUCTURE: dict[tuple, Callable[..., Any]] = {}
+_MAX_CACHED = 1024
+
+
+def _structure(graph: fx.Graph) -> tuple:
+    """Everything fx's codegen reads from the nodes (names, ops, targets, types, arguments);
+    constants keyed with their type so `2` and `2.0` stay distinct."""
+    return tuple((n.name, n.op, n.target, n.type, _constant(n.args), _constant(n.kwargs))
+                 for n in graph.nodes)
+
+
+def _constant(value: Any) -> Any:
+    if isinstance(value, fx.Node):
+        return ("%", value.name)
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_constant(v) for v in value))
+    if isinstance(value, dict):
+        return (dict, tuple((k, _constant(v)) for k, v in value.items()))
+    if isinstance(value, torch.Tensor):
+        raise TypeError("tensor constants are not shared by structure")
+    return (type(value), repr(value) if isinstance(value, float) else value)
+
+
+def _compile(graph: fx.Graph, rewrites: dict[str, tuple[str, str]]) -> Callable[..., Any]:
+    """fx's generated code with the attribute chains of `rewrites` replaced, exec'd."""
+
+    def transform(body: list[str]) -> list[str]:
+        out = []
+        for fragment in body:
+            var, sep, rhs = fragment.partition(" = ")
+            if sep and var in rewrites and rhs.startswith(rewrites[var][0]):
+                slow, fast = rewrites[var]
+                fragment = f"{var} = {fast}{rhs[len(slow):]}"
+            out.append(fragment)
+        return out
+
+    with graph.on_generate_code(lambda _: transform):
+        code = graph.python_code(root_module="self")
+    scope = tuple(sorted(code.globals.items(), key=lambda kv: kv[0]))
+    try:
+        return _exec_source(code.src, scope)
+    except TypeError:  # an unhashable global: compile without sharing
+        return _exec_source.__wrapped__(code.src, scope)
+
+
+@functools.lru_cache(maxsize=1024)
+def _exec_source(src: str, scope: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
+    """Exec generated source once per distinct (source, globals); registered for tracebacks."""
+    filename = f"<surgeon-forward-{hashlib.sha1(src.encode()).hexdigest()[:12]}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    namespace = dict(scope)
+    exec(compile(src, filename, "exec"), namespace)  # noqa: S102 - code we generated
+    return namespace["forward"]
+
+
+def source_of(fn: Callable[..., Any]) -> str:
+    """The generated source of a function made by `compile_forward` (for tests and viz)."""
+    return "".join(linecache.getlines(fn.__code__.co_filename))
+
+
+def node_summary(gm: fx.GraphModule) -> list[tuple[str, str, dict[str, Any]]]:
+    """`(name, op, tag)` for every node: a compact view for tests and `surgeon viz`."""
+    return [(n.name, n.op, tag(n)) for n in gm.graph.nodes]
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of `graph` with its own node tags, to edit while the original stays in use."""
+    new = fx.Graph()
+    new.output(new.graph_copy(graph, {}))
+    for node in new.nodes:
+        if META in node.meta:
+            node.meta[META] = dict(node.meta[META])
+    return new
+
+
+def result_nodes(graph: fx.Graph) -> dict[str, fx.Node]:
+    """Each adapter's branch result node, by adapter name."""
+    return {tag(n)["adapter"]: n for n in graph.nodes if tag(n).get("role") == "result"}

@@ -1,0 +1,92 @@
+"""What a method's layer part implements: `MethodRuntime`, the interface the runtime calls.
+
+A method (`surgeon/methods/<name>/`) has a torch-free config part and this runtime part. The
+runtime part owns everything about its parameters on one adapted layer: the containers it adds
+(named as PEFT names them in memory, so state_dict keys match), their creation and
+initialisation for each base kind, the branch it contributes to the layer's forward graph, and
+its merge math. `surgeon.runtime.adapted.AdaptedLayer`, the passes and the fold step are generic
+over it; `surgeon.methods.runtime_of(name)` finds a method's runtime object.
+
+Every method hook receives the layer as a `LayerView` (`surgeon.runtime.graph`): the base layer,
+its kind, the sites by adapter, and the method's own containers as attributes. Merge math works
+on the *out-major* view of the base weight (`surgeon.runtime.base_kinds`), in at least fp32, so
+one formula serves every base kind.
+
+Example (the LoRA runtime):
+    >>> from surgeon.methods import runtime_of
+    >>> runtime_of("lora").containers[0][0]
+    'lora_dropout'
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from surgeon.runtime.graph import LayerView
+
+if TYPE_CHECKING:
+    import torch
+    from torch import fx, nn
+
+    from surgeon.planning.site import Site
+    from surgeon.runtime.graph import Builder
+
+
+class MethodRuntime(Protocol):
+    """A method's layer part (see the module docstring)."""
+
+    name: str  # the registry key, PEFT's peft_type lower-cased ("lora")
+    # (attribute, container type) created empty on every adapted layer, in PEFT's order.
+    containers: tuple[tuple[str, type[nn.Module]], ...]
+
+    def add(self, layer: LayerView, site: Site) -> None:
+        """Create and initialise `site.adapter`'s parameters in `layer`'s containers."""
+        ...
+
+    def remove(self, layer: LayerView, adapter: str) -> None:
+        """Delete `adapter`'s parameters from `layer` (whatever `add` created, even partly)."""
+        ...
+
+    def num_params(self, base: nn.Module, site: Site) -> int:
+        """Trainable parameters `site` adds to `base` (works on the meta device)."""
+        ...
+
+    def emit(self, b: Builder, adapter: str, prev: fx.Node, rows: fx.Node | None) -> fx.Node:
+        """Emit `adapter`'s branch after result `prev`; return its result node.
+
+        `rows` is None for a whole-batch forward, else the node holding the batch rows that
+        use this adapter (mixed-adapter batch).
+        """
+        ...
+
+    def check_mixed(self, layer: LayerView, adapter: str) -> None:
+        """Raise if `adapter` cannot serve rows of a mixed-adapter batch."""
+        ...
+
+    def delta_weight(self, layer: LayerView, adapter: str) -> torch.Tensor:
+        """The adapter's weight delta in the base weight's layout and dtype (PEFT's)."""
+        ...
+
+    def fold(self, layer: LayerView, adapter: str, weight: torch.Tensor,
+             unmerged: torch.Tensor) -> torch.Tensor:
+        """Out-major fp32 `weight` with `adapter` merged; `unmerged` is it without any merges."""
+        ...
+
+    def unfold(self, layer: LayerView, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of `fold` on an out-major fp32 weight."""
+        ...
+
+    def bias_delta(self, layer: LayerView, adapter: str) -> torch.Tensor | None:
+        """What merging adds to the base bias (None when the adapter has no bias)."""
+        ...
+
+    def clear_caches(self, layer: LayerView) -> None:
+        """Forget values cached from the weights (they may have changed unseen)."""
+        ...
+
+
+class MethodLayer(LayerView, Protocol):
+    """A `LayerView` whose adapters all belong to one method: what the passes and the fold step
+    need (they call the method). `AdaptedLayer` implements it."""
+
+    method: MethodRuntime
