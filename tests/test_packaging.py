@@ -14,7 +14,7 @@ def test_the_wheel_works_without_the_repository(tmp_path):
                     str(ROOT), "-w", str(tmp_path / "dist")], check=True, capture_output=True)
     wheel = next((tmp_path / "dist").glob("surgeon-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"surgeon/grammar/peft.lark", "surgeon/passes/merge.py", "surgeon/lang/parse.py"} <= names
+    assert {"surgeon/grammar/peft.lark", "surgeon/passes/merge.py", "surgeon/lang/parser.py"} <= names
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     code = ("import surgeon, surgeon.passes; assert surgeon.__file__.startswith(%r);"
             "print(surgeon.print_spec(surgeon.load_spec('adapter a = lora(r=4) { target q_proj }')))"
