@@ -51,6 +51,23 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def paired_ratios(fns: dict[str, Callable[[], object]], base: str, device: torch.device,
+                  timing: Timing) -> dict[str, float]:
+    """Median over rounds of each function's time over `base`'s in the same round, minus 1 (its
+    overhead), plus `min_s`: each one's fastest round in seconds per call. Pairing within a round
+    cancels most of a shared machine's slow moments; the minimum is the cost with the fewest."""
+    for fn in fns.values():
+        for _ in range(timing.warmup):
+            fn()
+    rounds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(timing.repeats):
+        for name, fn in fns.items():
+            rounds[name].append(clock(fn, device, timing.inner))
+    out = {name: statistics.median(t / b - 1 for t, b in zip(ts, rounds[base], strict=True))
+           for name, ts in rounds.items() if name != base}
+    return out | {"min_s": {name: min(ts) for name, ts in rounds.items()}}
+
+
 def once_each(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
     """Median of values returned by functions that time themselves (setup excluded), alternated."""
     samples: dict[str, list[float]] = {name: [] for name in fns}

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Timing, clock, interleaved, once_each, peak_memory  # noqa: E402
+from harness import Timing, clock, interleaved, once_each, paired_ratios, peak_memory  # noqa: E402
 
 SIDES = ("surgeon", "peft")
 
@@ -243,16 +243,50 @@ def print_table(results: dict) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def tiny_decode(device: torch.device) -> int:
+    """Where Python per call dominates: the unmerged decode overhead of LoRA q,v (r=16) on a
+    hidden-64 2-layer llama (paired rounds, see `harness.paired_ratios`), and the cost of one
+    adapted q_proj over its bare nn.Linear (1x1x64 input) next to peft's."""
+    from surgeon.runtime.adapted import AdaptedLayer
+
+    base, case = llama(Shape(64, 2, (1, 1), (1, 1)), device), CASES[0]
+    models = {side: adapt(side, base, case)[0] for side in SIDES}
+    agree = randomize_like(models["surgeon"], models["peft"])
+    ids = torch.randint(0, 2048, (1, 1), device=device)
+    ours = next(m for m in models["surgeon"].modules() if isinstance(m, AdaptedLayer))
+    theirs = models["peft"].base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(1, 1, 64, device=device)
+    with torch.no_grad():
+        decode = paired_ratios({"base": lambda: base(ids), "surgeon": lambda: models["surgeon"](ids),
+                                "peft": lambda: models["peft"](ids)}, "base", device, Timing(41, 10, 3))
+        layer = paired_ratios({"linear": lambda: ours.base_layer(x), "surgeon": lambda: ours(x),
+                               "peft": lambda: theirs(x)}, "linear", device, Timing(41, 100, 20))
+    us = {k: v * 1e6 for k, v in layer["min_s"].items()}
+    ratio = decode["surgeon"] / decode["peft"]
+    print(f"decode overhead over the base (median of 41 paired rounds): surgeon "
+          f"{decode['surgeon']:+.1%}, peft {decode['peft']:+.1%}, surgeon/peft {ratio:.2f}x "
+          f"(max|diff| {agree:.1e})")
+    print(f"one q_proj call (fastest round): nn.Linear {us['linear']:.1f} us; over it: surgeon "
+          f"+{us['surgeon'] - us['linear']:.1f} us, peft +{us['peft'] - us['linear']:.1f} us")
+    print(json.dumps({"bench": "lora_overhead_tiny_decode", "threads": torch.get_num_threads(),
+                      "decode_overhead": decode, "layer_us": us, "overhead_ratio": ratio}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="LoRA overhead: surgeon vs peft on a tiny llama.")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (tests)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--tiny-decode", action="store_true",
+                        help="only LoRA q,v decode on a hidden-64 2-layer llama, 15 rounds")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
+    if args.tiny_decode:
+        return tiny_decode(device)
     if args.smoke:
         shape, wide, timing = Shape(64, 2, (1, 16), (1, 16)), Shape(128, 2, (1, 8), (1, 8)), Timing(1, 1, 0)
     else:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 from surgeon.passes.pipeline import PassResult
 from torch import fx
 
-from surgeon.runtime.graph import result_nodes, tag
+from surgeon.runtime.graph import branch_adapters, spine_source, tag
 
 if TYPE_CHECKING:
     from surgeon.runtime.graph import LayerView
@@ -38,9 +38,12 @@ class MergePass:
 
 def remove_branches(graph: fx.Graph, adapters: set[str]) -> bool:
     """Bypass and erase the branches of `adapters`; True if any was removed."""
-    doomed = {a: r for a, r in result_nodes(graph).items() if a in adapters}
-    for adapter, result in doomed.items():
-        result.replace_all_uses_with(result.args[0])
+    doomed = [a for a in branch_adapters(graph) if a in adapters]
+    for adapter in doomed:
+        # each part's end transforms its source (prev, or the base call's input): route back
+        for end in [n for n in graph.nodes if tag(n).get("adapter") == adapter
+                    and tag(n).get("role") in ("result", "input_result")]:
+            end.replace_all_uses_with(spine_source(end))
         for node in reversed(list(graph.nodes)):
             if tag(node).get("adapter") == adapter:
                 graph.erase_node(node)

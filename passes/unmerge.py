@@ -22,7 +22,7 @@ from surgeon.passes.merge import remove_branches
 from surgeon.passes.pipeline import PassResult
 from torch import fx
 
-from surgeon.runtime.graph import result_nodes
+from surgeon.runtime.graph import branch_adapters
 
 if TYPE_CHECKING:
     from surgeon.runtime.method import MethodLayer
@@ -37,7 +37,7 @@ class UnmergePass:
     def __call__(self, gm: fx.GraphModule, layer: MethodLayer) -> PassResult:
         graph = gm.graph
         lowered = layer.lowered_adapters()
-        present = result_nodes(graph)
+        present = branch_adapters(graph)
         if not graph.nodes or list(present) == lowered:
             return PassResult(gm, False)
         remove_branches(graph, set(present))

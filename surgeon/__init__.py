@@ -23,7 +23,7 @@ _EXPORTS = {
     "Spec": "surgeon.lang.spec",
     "Site": "surgeon.planning.site",
     "plan": "surgeon.planning.planner",
-    "Plan": "surgeon.planning.planner",
+    "Plan": "surgeon.planning.plans",
     "PlanError": "surgeon.planning.planner",
     "roles": "surgeon.capture.infer",
     "infer_roles": "surgeon.capture.infer",
@@ -38,6 +38,8 @@ _EXPORTS = {
     "disable_adapters": "surgeon.api",
     "adapter_rows": "surgeon.api",
     "delete_adapter": "surgeon.api",
+    "active_adapters": "surgeon.api",
+    "viz": "surgeon.pictures.picture",
 }
 
 __all__ = sorted(_EXPORTS)

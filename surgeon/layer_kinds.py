@@ -30,12 +30,17 @@ if TYPE_CHECKING:
     from torch import nn
 
 # Every base layer kind a method can adapt (the order messages list them in).
-KINDS: tuple[str, ...] = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding")
+KINDS: tuple[str, ...] = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding",
+                          "MultiheadAttention")
 LINEAR_KINDS: tuple[str, ...] = ("Linear", "Conv1D")  # a matrix product: PEFT's `all-linear`
 CONV_KINDS: tuple[str, ...] = ("Conv1d", "Conv2d", "Conv3d")
+# Kinds whose module reads its own weights (no `.weight` to call through): the adapted layer calls
+# the module with its deltas substituted, and a method folds them with its own hook.
+WHOLE_MODULE_KINDS: tuple[str, ...] = ("MultiheadAttention",)
 # What each kind computes, in the words of capture's dataflow rules: a lookup never projects q/k/v.
 FAMILY: Mapping[str, str] = {
     **dict.fromkeys(LINEAR_KINDS, "linear"), **dict.fromkeys(CONV_KINDS, "conv"), "Embedding": "embedding",
+    "MultiheadAttention": "attention",
 }
 
 
@@ -51,7 +56,8 @@ def _torch_classes() -> tuple[tuple[type, str], ...]:
         from torch import nn
 
         _CLASSES = ((nn.Embedding, "Embedding"), (nn.Conv2d, "Conv2d"), (nn.Conv3d, "Conv3d"),
-                    (nn.Conv1d, "Conv1d"), (nn.Linear, "Linear"))
+                    (nn.Conv1d, "Conv1d"), (nn.MultiheadAttention, "MultiheadAttention"),
+                    (nn.Linear, "Linear"))
     return _CLASSES
 
 

@@ -110,7 +110,17 @@ def attention_roles(flow: Flow, cores: list[Core]) -> list[Found]:
         for proj in _projections(flow, flow.walk_forward(core.out, _TO_OUTPUT, frozenset({PROJ}))):
             found.append(Found(proj, f"{family}.o", f"first projection reading the output of "
                                f"{core.what} in `{core.where}`"))
+            found.extend(_output_gates(flow, proj, parts, family, core))
     return found
+
+
+def _output_gates(flow: Flow, out: fx.Node, parts: dict[fx.Node, list[str]], family: str,
+                  core: Core) -> list[Found]:
+    """Projections that scale the core's output on its way to `o` (gated attention): they reach
+    the output projection's input through pointwise ops, not through the core."""
+    feeders = flow.walk_back(flow.projs[out].data, _TO_OUTPUT, frozenset({PROJ}))
+    return [Found(p, f"{family}.gate", f"gates the output of {core.what} in `{core.where}` "
+                  "before the output projection") for p in _projections(flow, feeders) if p not in parts]
 
 
 def _projections(flow: Flow, nodes: list[fx.Node]) -> list[fx.Node]:

@@ -40,7 +40,8 @@ _NAMED = {
     SOFTMAX: {"softmax", "_softmax", "_safe_softmax"},
     TOPK: {"topk", "argmax", "argmin", "argsort", "sort"},
     ACT: {"gelu", "silu", "relu", "relu6", "sigmoid", "tanh", "softplus", "mish", "elu", "selu",
-          "celu", "leaky_relu", "hardswish", "hardsigmoid", "hardtanh", "erf", "glu", "gelu_"},
+          "celu", "leaky_relu", "hardswish", "hardsigmoid", "hardtanh", "erf", "glu", "gelu_",
+          "expm1", "log1p", "log_sigmoid", "softsign", "prelu", "rrelu"},
     NORM: {"layer_norm", "native_layer_norm", "rms_norm", "group_norm", "native_group_norm",
            "batch_norm", "native_batch_norm", "instance_norm", "_native_batch_norm_legit",
            "_native_batch_norm_legit_no_training"},
@@ -92,12 +93,12 @@ class Flow:
 
     # ---- edges -------------------------------------------------------------------------------
     def inputs(self, node: fx.Node) -> list[fx.Node]:
-        """Float-tensor operands of `node` (parameters excluded)."""
-        return [n for n in node.all_input_nodes if self.kind[n] != PARAM and _is_float(n)]
+        """Float-tensor operands of `node` (parameters excluded) whose values it reads."""
+        return [n for n in _data_inputs(node) if self.kind[n] != PARAM and _is_float(n)]
 
     def users(self, node: fx.Node) -> list[fx.Node]:
-        """Nodes that read `node` as float data."""
-        return list(node.users) if _is_float(node) else []
+        """Nodes that read `node`'s values as float data (not only its dtype or shape)."""
+        return [u for u in node.users if node in _data_inputs(u)] if _is_float(node) else []
 
     @cached_property
     def origins(self) -> dict[fx.Node, frozenset[str]]:
@@ -218,8 +219,42 @@ class Flow:
             self._add_proj(node, "embedding", node.args[1], self._owner(node, node.args[0]))
         elif name in ("max", "min") and _uses_indices(node):
             self.kind[node] = TOPK  # max(dim) whose indices select (phimoe's sparsemixer)
+        elif name in ("mul", "div") and self._normalises(node):
+            # by hand: a norm, x * rsqrt(mean(x^2) + eps), or a softmax, exp(x) / sum(exp(x))
+            self.kind[node] = self._normalises(node)
+        elif name in ("max", "min", "clamp", "clamp_min", "clamp_max", "maximum", "minimum") \
+                and not _reduces(node):
+            self.kind[node] = PASS  # elementwise clamps (of scores, of activations)
         else:
             self.kind[node] = _KIND_OF_NAME.get(name, PASS)
+
+    def _normalises(self, node: fx.Node) -> str:
+        """NORM for `x * f(reduce(g(x)))` (RMSNorm, LayerNorm written by hand: one operand scaled
+        by a statistic of itself, whatever the ops between); SOFTMAX for `exp(x) / sum(exp(x))`;
+        "" otherwise."""
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        if len(operands) != 2:
+            return ""
+        for data, scale in (operands, operands[::-1]):
+            sources = _cast_chain(data)
+            for reduce in self._statistics(scale):
+                if any(n in sources for n in _chain_back(reduce, 4)):
+                    exp = op_name(data) == "exp" and op_name(reduce) == "sum"
+                    return SOFTMAX if exp and op_name(node) == "div" else NORM
+        return ""
+
+    def _statistics(self, node: fx.Node) -> list[fx.Node]:
+        """Reductions a few elementwise steps behind `node` (rsqrt(mean(...) + eps))."""
+        found, frontier = [], [node]
+        for _ in range(5):
+            nexts = []
+            for n in frontier:
+                if self.kind.get(n) == REDUCE:
+                    found.append(n)
+                elif self.kind.get(n) in (PASS, ACT) and n.op == "call_function":
+                    nexts.extend(a for a in n.all_input_nodes if self.kind.get(a) != PARAM)
+            frontier = nexts
+        return found
 
     def _add_proj(self, node: fx.Node, kind: str, data: Any, module: str | None) -> None:
         self.kind[node] = PROJ
@@ -277,6 +312,52 @@ def _weight_step(node: fx.Node) -> bool:
     if name in _WEIGHT_VIEWS:
         return True
     return name in _WEIGHT_SCALES and not any(isinstance(a, fx.Node) for a in node.args[1:])
+
+
+# Ops that read only the dtype/shape of their operands after the first (`x.type_as(y)`), or of
+# every operand (`zeros_like(y)`): no data flows from those operands.
+_FIRST_ONLY = {"type_as", "expand_as", "view_as", "reshape_as", "_assert_tensor_metadata"}
+_NO_DATA = {"empty_like", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones",
+            "new_empty", "new_full", "rand_like", "randn_like", "sym_size", "size"}
+
+
+def _data_inputs(node: fx.Node) -> list[fx.Node]:
+    if node.op not in ("call_function", "call_method"):
+        return list(node.all_input_nodes)
+    name = op_name(node)
+    if name in _NO_DATA:
+        return []
+    if name in _FIRST_ONLY:
+        return [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
+    return list(node.all_input_nodes)
+
+
+def _reduces(node: fx.Node) -> bool:
+    """max/min over a dimension (a reduction), not max/min of two tensors (a clamp)."""
+    return op_name(node) in ("max", "min") and not (len(node.args) > 1 and isinstance(node.args[1], fx.Node))
+
+
+def _cast_chain(node: fx.Node) -> set[fx.Node]:
+    """`node` and what it is a cast or view of (the norm's input before `.float()`)."""
+    found = {node}
+    while node.op == "call_function" and op_name(node) in ("to", "_to_copy", "float", "type_as",
+                                                          "view", "reshape", "alias", "contiguous"):
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            break
+        found.add(node)
+    return found
+
+
+def _chain_back(node: fx.Node, steps: int) -> set[fx.Node]:
+    """Nodes up to `steps` first-operand steps behind `node` (mean <- pow <- float <- x)."""
+    found: set[fx.Node] = set()
+    for _ in range(steps):
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            break
+        node = node.args[0]
+        found.add(node)
+    return found
 
 
 def _uses_indices(node: fx.Node) -> bool:

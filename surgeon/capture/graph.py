@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from surgeon.capture.inputs import ExampleInputs, synthesize_inputs
+from surgeon.capture.inputs import ExampleInputs, from_user
+from surgeon.capture.synthesize import input_candidates, missing_inputs
 from surgeon.errors import UserError
 from surgeon.layer_kinds import outer_stacks
 
@@ -32,6 +34,12 @@ from surgeon.layer_kinds import outer_stacks
 WRAPPED = "m"
 _SUGGESTION = ("Select layers by name (\"q_proj\", /regex/) or by type (Linear) instead of by "
                "role; those selectors need no graph.")
+# Why roles read from a symbolic trace are never trusted: it sees no shapes or dtypes, so integer
+# indices look like data, and it follows Python control flow only for the default branch.
+TRACED_CAVEAT = ("captured by symbolic tracing, a fallback that sees no shapes or dtypes (dataflow "
+                 "edges are guessed)")
+INPUT_HINT = ("pass example inputs (`--input 1x3x224x224:float32`, or `example_inputs=` in Python), "
+              "or select these layers by name or type")
 
 
 class CaptureError(UserError, RuntimeError):
@@ -48,6 +56,7 @@ class Capture:
     stand_ins: Mapping[str, str]  # short-circuited block path -> path of the block captured for it
     model: nn.Module  # the meta copy that was traced (paths in the graph resolve against it)
     inputs: tuple[str, ...] = ()  # the model's name for each graph placeholder, in order
+    caveat: str = ""  # why roles from this graph cannot be trusted ("" when they can)
 
 
 class _Wrapper(nn.Module):
@@ -84,28 +93,61 @@ def capture_graph(model: nn.Module, example_inputs: Any = None) -> torch.fx.Grap
 def capture(model: nn.Module, example_inputs: Any = None, *, blocks: bool = True) -> Capture:
     """Capture `model`, short-circuiting repeated blocks when `blocks` is set.
 
-    Tries, in order: export with stand-ins for repeated blocks, export of the whole model,
-    `symbolic_trace`. Raises `CaptureError` with every front end's reason when none works.
+    Tries, in order: export with stand-ins for repeated blocks, export of the whole model (each
+    with every candidate call, most complete first), `symbolic_trace` (its capture carries a
+    caveat: roles read from it are uncertain). Raises `CaptureError` with every front end's
+    reason when none works.
     """
-    inputs = as_example_inputs(model, example_inputs)
+    candidates = _candidates(model, example_inputs)
     reasons: list[str] = []
-    if inputs is None:
-        reasons.append("export: no example inputs (give `example_inputs`, or use a transformers model)")
+    if not candidates:
+        reasons.append(f"export: {_no_inputs(model)}")
     attempts = ((True, "export-blocks"), (False, "export")) if blocks else ((False, "export"),)
-    for use_blocks, frontend in attempts if inputs is not None else ():
-        try:
-            return _export(meta_copy(model).eval(), inputs, use_blocks, frontend)
-        except Exception as error:  # noqa: BLE001 - any tracing failure moves to the next front end
-            reasons.append(f"{frontend}: {_first_line(error)}")
+    for use_blocks, frontend in attempts:
+        for inputs in candidates:
+            try:
+                return _export(meta_copy(model).eval(), inputs, use_blocks, frontend)
+            except Exception as error:  # noqa: BLE001 - any tracing failure moves to the next try
+                reasons.append(f"{frontend}: {_first_line(error)}")
     try:
         meta = meta_copy(model).eval()
-        return Capture(torch.fx.symbolic_trace(meta), "", "symbolic_trace", {}, meta)
+        return Capture(torch.fx.symbolic_trace(meta), "", "symbolic_trace", {}, meta,
+                       caveat=f"{TRACED_CAVEAT}; {reasons[-1]}")
     except Exception as error:  # noqa: BLE001
         reasons.append(f"symbolic_trace: {_first_line(error)}")
     raise CaptureError(
-        f"Could not capture the dataflow of `{type(model).__name__}`: " + "; ".join(reasons)
+        f"Could not capture the dataflow of `{type(model).__name__}`: " + "; ".join(_unique(reasons))
         + f". {_SUGGESTION}"
     )
+
+
+def _candidates(model: nn.Module, example_inputs: Any) -> list[ExampleInputs]:
+    """The calls to try, on the meta device: the user's, else those synthesized from the config."""
+    if example_inputs is None:
+        return input_candidates(model, "meta")
+    try:
+        return [from_user(model, example_inputs).to("meta")]
+    except Exception as error:  # noqa: BLE001 - malformed user inputs: say so, do not crash
+        raise CaptureError(f"Cannot use the example inputs given for `{type(model).__name__}`: "
+                           f"{_first_line(error)}") from None
+
+
+def _no_inputs(model: nn.Module) -> str:
+    missing = missing_inputs(model) if getattr(model, "config", None) is not None else ()
+    if missing:
+        return (f"cannot make the required input(s) {', '.join(f'`{m}`' for m in missing)}; "
+                + INPUT_HINT)
+    return f"no example inputs ({INPUT_HINT})"
+
+
+def _unique(reasons: list[str]) -> list[str]:
+    return list(dict.fromkeys(reasons))
+
+
+def as_example_inputs(model: nn.Module, example_inputs: Any) -> ExampleInputs | None:
+    """The user's inputs in one shape, moved to the meta device; synthesized when None."""
+    found = _candidates(model, example_inputs)
+    return found[0] if found else None
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -126,29 +168,27 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def as_example_inputs(model: nn.Module, example_inputs: Any) -> ExampleInputs | None:
-    """The user's inputs in one shape, moved to the meta device; synthesized when None."""
-    if example_inputs is None:
-        return synthesize_inputs(model, "meta")
-    if isinstance(example_inputs, ExampleInputs):
-        return example_inputs.to("meta")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if isinstance(example_inputs, Mapping):
-        tensors = {k: v for k, v in example_inputs.items() if isinstance(v, torch.Tensor)}
-        options = tuple((k, v) for k, v in example_inputs.items() if k not in tensors)
-        return ExampleInputs((), tuple(tensors.items()), options).to("meta")
-    return ExampleInputs(tuple(example_inputs)).to("meta")
-
-
 def _export(meta: nn.Module, inputs: ExampleInputs, use_blocks: bool, frontend: str) -> Capture:
     stand_ins = _install_stand_ins(meta) if use_blocks else {}
     if use_blocks and not stand_ins:
         raise CaptureError("no repeated blocks to short-circuit")
-    # no_grad: no grad-mode HOPs in the graph; meta: tensors the forward creates meet the weights
-    with torch.no_grad(), torch.device("meta"):
-        program = torch.export.export(_Wrapper(meta, inputs), inputs.flat(), strict=False)
+    # no_grad: no grad-mode HOPs in the graph; meta: tensors the forward creates meet the weights.
+    # An attempt that fails logs tracebacks and whole programs; its reason is kept instead.
+    loggers = [logging.getLogger(name) for name in _NOISY]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.CRITICAL)
+    try:
+        with torch.no_grad(), torch.device("meta"):
+            program = torch.export.export(_Wrapper(meta, inputs), inputs.flat(), strict=False)
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
     return Capture(program.module(), WRAPPED + ".", frontend, stand_ins, meta, inputs.names())
+
+
+_NOISY = ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes", "torch.export",
+          "torch._export", "torch._export.non_strict_utils", "torch._dynamo", "torch.fx.passes")
 
 
 def _first_line(error: BaseException) -> str:

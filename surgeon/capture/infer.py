@@ -36,9 +36,10 @@ from surgeon.capture.flow import (
     adaptable_kind,
     op_name,
 )
-from surgeon.capture.graph import Capture, CaptureError, capture
+from surgeon.capture.graph import INPUT_HINT, Capture, CaptureError, capture
 from surgeon.capture.mlp import mlp_roles
 from surgeon.capture.names import ROLES
+from surgeon.layer_kinds import is_transformers_model
 
 _SUGGESTION = "Select these layers by name (\"q_proj\", /regex/) or by type (Linear) instead."
 # Ops between an index input and the embedding lookup that keep it "the input".
@@ -51,23 +52,28 @@ _TO_TOPK = frozenset({PASS, SLICE, ACT, SOFTMAX, REDUCE})
 class Role(str):
     """A role name (one of `role_names.ROLES`) and the dataflow fact that decided it.
 
-    It compares and hashes as its name: `Role("attn.q", "...") == "attn.q"`.
+    It compares and hashes as its name: `Role("attn.q", "...") == "attn.q"`. `uncertain` says
+    why the role may be wrong ("" when the graph it was read from is complete): role selectors
+    refuse such layers rather than guess (surgeon.planning.select).
     """
 
     evidence: str
+    uncertain: str
 
-    def __new__(cls, name: str, evidence: str) -> Role:
+    def __new__(cls, name: str, evidence: str, uncertain: str = "") -> Role:
         if name not in ROLES:
             raise ValueError(f"unknown role `{name}`; roles are {', '.join(ROLES)}")
         role = super().__new__(cls, name)
         role.evidence = evidence
+        role.uncertain = uncertain
         return role
 
     def __repr__(self) -> str:
-        return f"Role({str(self)!r}, evidence={self.evidence!r})"
+        extra = f", uncertain={self.uncertain!r}" if self.uncertain else ""
+        return f"Role({str(self)!r}, evidence={self.evidence!r}{extra})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Role, (str(self), self.evidence))
+        return (Role, (str(self), self.evidence, self.uncertain))
 
 
 class RolesError(CaptureError):
@@ -93,18 +99,70 @@ def infer_roles(model: nn.Module, *, example_inputs: Any = None) -> dict[str, Ro
         captured = capture(model, example_inputs)
     except CaptureError as error:
         raise RolesError(f"Cannot infer roles: {error}") from None
-    return roles_of_capture(captured, model)
+    roles = roles_of_capture(captured, model)
+    if example_inputs is None:  # towers the synthesized call did not reach get their own inputs
+        roles.update(tower_roles(model, roles))
+    return roles
 
 
 def roles_of_capture(captured: Capture, model: nn.Module) -> dict[str, Role]:
-    """Roles from an existing capture of `model` (the planner may capture once and reuse it)."""
+    """Roles from an existing capture of `model` (the planner may capture once and reuse it).
+
+    Every role read from a graph with a caveat (symbolic tracing) is uncertain, and so is the
+    `other` of a layer the captured call never reached: it may do anything with other inputs.
+    """
     flow = Flow(captured)
     decided = _decide(flow)
     roles: dict[str, Role] = {}
     for path, module in model.named_modules():
         if adaptable_kind(module) is not None:
-            roles[path] = decided.get(path) or _undecided(flow, captured, decided, path)
+            role = decided.get(path) or _undecided(flow, captured, decided, path)
+            if captured.caveat:
+                role = Role(role, role.evidence, f"{captured.caveat}; {INPUT_HINT}")
+            roles[path] = role
     return roles
+
+
+def tower_roles(model: nn.Module, roles: dict[str, Role]) -> dict[str, Role]:
+    """Roles for unreached layers inside nested pretrained models (a VLM's vision tower, an
+    audio encoder), each captured on its own with inputs made from its own config."""
+    found: dict[str, Role] = {}
+    dead = {p for p, r in roles.items() if r.uncertain and r == "other"}
+    for path, tower in _towers(model):
+        inside = {p for p in dead if p.startswith(path + ".")} - found.keys()
+        if not inside:
+            continue
+        try:
+            own = infer_roles(tower)
+        except (CaptureError, RecursionError):
+            continue
+        for sub, role in own.items():
+            full = f"{path}.{sub}"
+            if full in inside and (not role.uncertain or role != "other"):
+                found[full] = Role(role, f"{role.evidence} (tower `{path}` captured on its own)",
+                                   role.uncertain)
+    return found
+
+
+def _tied_to(flow: Flow, captured: Capture, path: str) -> str | None:
+    """A called layer holding this layer's very weight (T5's `shared` and its embed_tokens)."""
+    try:
+        weight = captured.model.get_submodule(path).weight
+    except AttributeError:
+        return None
+    for proj in flow.projs.values():
+        if proj.module and proj.module != path and proj.module in flow.called_modules:
+            if getattr(captured.model.get_submodule(proj.module), "weight", None) is weight:
+                return proj.module
+    return None
+
+
+def _towers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Nested modules with their own transformers config, outermost first."""
+    own = getattr(model, "config", None)
+    return [(p, m) for p, m in model.named_modules()
+            if p and getattr(m, "config", None) is not None and m.config is not own
+            and hasattr(m.config, "to_dict") and is_transformers_model(m)]
 
 
 def _decide(flow: Flow) -> dict[str, Role]:
@@ -190,10 +248,17 @@ def _undecided(flow: Flow, captured: Capture, decided: dict[str, Role], path: st
             if twin in decided:
                 role = decided[twin]
                 return Role(role, f"{role.evidence} (as `{twin}`: same block structure)")
-            return Role("other", f"as `{twin}` (same block structure): "
-                        + _undecided(flow, captured, decided, twin).evidence)
-    if path not in flow.called_modules:
-        return Role("other", "never called in the captured forward pass (dead)")
-    if not any(p.module == path for p in flow.projs.values()):
+            twin_role = _undecided(flow, captured, decided, twin)
+            return Role("other", f"as `{twin}` (same block structure): {twin_role.evidence}",
+                        twin_role.uncertain)
+    tied = _tied_to(flow, captured, path)
+    if tied:
+        return Role("other", f"never called itself; its weight is applied by `{tied}` (tied)")
+    applied = any(p.module == path for p in flow.projs.values())
+    if path not in flow.called_modules and not applied:
+        return Role("other", "never called in the captured forward pass (dead)",
+                    "never reached by the captured call: with other inputs it may take any role; "
+                    + INPUT_HINT)
+    if not applied:
         return Role("other", "called, but its weight is never applied to data (read directly)")
     return Role("other", "no attention, MLP, router, embedding or head pattern in its dataflow")

@@ -1,107 +1,146 @@
-"""Example inputs synthesized from a model's config and forward signature.
+"""Example inputs: the user's (any nesting of tensors), or synthesized from a model's config.
 
 Capture needs one call of the model to trace. Hugging Face models say what they take in their
-config (vocabulary, image size, mel bins) and their forward signature (`decoder_input_ids`,
-`pixel_values`, `input_features`), so shapes can be made up without the user's help. Values
-never matter: capture runs on the meta device, where tensors have shapes and no data.
+forward signature (`input_ids`, `pixel_values`, `input_values`, `bbox`, `encoder_hidden_states`)
+and how big it is in their config (vocabulary, image size, mel bins, hidden size), so inputs can
+be made up without the user's help (surgeon.capture.synthesize). Values never matter: capture
+runs on the meta device, where tensors have shapes and no data.
+
+User inputs may nest tensors in tuples, lists, dicts and dataclasses (a detection model takes a
+list of images, a sentence-transformers model a dict of features): the export wrapper takes the
+tensor leaves positionally and rebuilds the structure around them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-# Token count of synthesized text inputs: small, but longer than any tiny model's window or
-# conv stride so that no code path is skipped for short inputs.
-SEQ_LEN = 8
-
 
 @dataclass(frozen=True)
 class ExampleInputs:
-    """One forward call: positional tensors, keyword tensors, constant keyword options."""
+    """One forward call: positional values, keyword values, constant keyword options.
 
-    args: tuple[torch.Tensor, ...] = ()
-    kwargs: tuple[tuple[str, torch.Tensor], ...] = ()
+    Values are tensors or tuples/lists/dicts/dataclasses holding tensors (and constants).
+    """
+
+    args: tuple[Any, ...] = ()
+    kwargs: tuple[tuple[str, Any], ...] = ()
     options: tuple[tuple[str, Any], ...] = ()  # non-tensor keywords passed as they are
 
     def flat(self) -> tuple[torch.Tensor, ...]:
-        """Every tensor, positional first: what the export wrapper takes."""
-        return (*self.args, *(t for _, t in self.kwargs))
+        """Every tensor leaf, positional first: what the export wrapper takes."""
+        return tuple(t for _, t in self._leaves())
 
     def names(self) -> tuple[str, ...]:
-        """How each tensor of `flat()` is passed: `args[i]` or its keyword."""
-        return (*(f"args[{i}]" for i in range(len(self.args))), *(k for k, _ in self.kwargs))
+        """How each tensor of `flat()` is reached: `args[0]`, `input_ids`, `args[0]['mask']`."""
+        return tuple(name for name, _ in self._leaves())
 
-    def split(self, flat: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+    def split(self, flat: tuple[torch.Tensor, ...]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """`flat` back into (args, kwargs) for calling the model, options included."""
-        n = len(self.args)
-        names = (name for name, _ in self.kwargs)
-        return tuple(flat[:n]), {**dict(zip(names, flat[n:])), **dict(self.options)}
+        leaves = iter(flat)
+        args = tuple(_rebuild(a, leaves) for a in self.args)
+        kwargs = {k: _rebuild(v, leaves) for k, v in self.kwargs}
+        return args, {**kwargs, **dict(self.options)}
 
     def to(self, device: torch.device | str) -> ExampleInputs:
-        """The same inputs as empty tensors on `device` (shapes and dtypes kept)."""
-        args = tuple(_empty_like(t, device) for t in self.args)
-        kwargs = tuple((k, _empty_like(t, device)) for k, t in self.kwargs)
+        """The same inputs with every tensor an empty one on `device` (shapes and dtypes kept)."""
+        leaves = iter(_empty_like(t, device) for t in self.flat())
+        args = tuple(_rebuild(a, leaves) for a in self.args)
+        kwargs = tuple((k, _rebuild(v, leaves)) for k, v in self.kwargs)
         return ExampleInputs(args, kwargs, self.options)
 
+    def _leaves(self) -> list[tuple[str, torch.Tensor]]:
+        found: list[tuple[str, torch.Tensor]] = []
+        for i, value in enumerate(self.args):
+            _collect(value, f"args[{i}]", found)
+        for key, value in self.kwargs:
+            _collect(value, key, found)
+        return found
 
-def _empty_like(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    return torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+
+def from_user(model: nn.Module, example_inputs: Any) -> ExampleInputs:
+    """The user's example inputs as `ExampleInputs`.
+
+    A tensor is the one positional input; a tuple or list is the positional inputs; a dict is
+    keyword inputs, unless the forward takes none of its keys and one positional argument (a
+    sentence-transformers model takes its features as one dict).
+    """
+    if isinstance(example_inputs, ExampleInputs):
+        return example_inputs
+    if isinstance(example_inputs, Mapping):
+        params = forward_parameters(model)
+        if not any(k in params for k in example_inputs) and _positional_count(model) == 1:
+            return ExampleInputs((dict(example_inputs),))
+        tensors = {k: v for k, v in example_inputs.items() if _holds_tensor(v)}
+        options = tuple((k, v) for k, v in example_inputs.items() if k not in tensors)
+        return ExampleInputs((), tuple(tensors.items()), options)
+    if isinstance(example_inputs, tuple | list):
+        return ExampleInputs(tuple(example_inputs))
+    return ExampleInputs((example_inputs,))
 
 
 def forward_parameters(model: nn.Module) -> tuple[str, ...]:
     """Names of the model's forward parameters, in order."""
-    return tuple(inspect.signature(model.forward).parameters)
+    try:
+        return tuple(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return ()
 
 
-def synthesize_inputs(model: nn.Module, device: torch.device | str = "meta") -> ExampleInputs | None:
-    """Inputs for a transformers model built from its config; None for other modules.
-
-    Text models get `input_ids` (and `decoder_input_ids` when encoder-decoder), vision models
-    `pixel_values`, speech models `input_features`. Every model that takes `use_cache` gets
-    `use_cache=False`, so no cache object enters the traced graph.
-    """
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        return None
-    params = forward_parameters(model)
-    found: dict[str, torch.Tensor] = {}
-    if "input_ids" in params:
-        found["input_ids"] = torch.zeros(1, _text_length(config), dtype=torch.long, device=device)
-    if "pixel_values" in params:
-        found["pixel_values"] = _pixels(config, device)
-    if "input_features" in params:
-        found["input_features"] = _features(config, device)
-    if "decoder_input_ids" in params and getattr(config, "is_encoder_decoder", False):
-        found["decoder_input_ids"] = torch.zeros(1, SEQ_LEN, dtype=torch.long, device=device)
-    if not found:
-        return None
-    options = (("use_cache", False),) if "use_cache" in params else ()
-    return ExampleInputs((), tuple(found.items()), options)
+def _positional_count(model: nn.Module) -> int:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return 0
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in params if p.kind in kinds)
 
 
-def _text_length(config: Any) -> int:
-    """SEQ_LEN tokens, plus room for the image tokens a vision-language model expects."""
-    return SEQ_LEN + int(getattr(config, "num_query_tokens", 0) or 0)
+def _holds_tensor(value: Any) -> bool:
+    found: list[tuple[str, torch.Tensor]] = []
+    _collect(value, "", found)
+    return bool(found)
 
 
-def _vision_config(config: Any) -> Any:
-    return getattr(config, "vision_config", None) or config
+def _collect(value: Any, name: str, found: list[tuple[str, torch.Tensor]]) -> None:
+    """Tensor leaves of `value` with the path that reaches each, in a fixed order."""
+    if isinstance(value, torch.Tensor):
+        found.append((name, value))
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _collect(item, f"{name}[{key!r}]", found)
+    elif isinstance(value, tuple | list):
+        for i, item in enumerate(value):
+            _collect(item, f"{name}[{i}]", found)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in (f for f in dataclasses.fields(value) if f.init):
+            _collect(getattr(value, field.name), f"{name}.{field.name}", found)
 
 
-def _pixels(config: Any, device: torch.device | str) -> torch.Tensor:
-    vision = _vision_config(config)
-    size = getattr(vision, "image_size", 224)
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    channels = getattr(vision, "num_channels", 3)
-    return torch.zeros(1, channels, height, width, device=device)
+def _rebuild(value: Any, leaves: Any) -> Any:
+    """`value` with each tensor leaf replaced by the next of `leaves` (same order as _collect)."""
+    if isinstance(value, torch.Tensor):
+        return next(leaves)
+    if isinstance(value, Mapping):
+        return type(value)((k, _rebuild(v, leaves)) for k, v in value.items()) \
+            if type(value) is not dict else {k: _rebuild(v, leaves) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(_rebuild(v, leaves) for v in value))
+    if isinstance(value, tuple | list):
+        return type(value)(_rebuild(v, leaves) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: _rebuild(getattr(value, f.name), leaves) for f in dataclasses.fields(value)
+                   if f.init}
+        return dataclasses.replace(value, **changes)
+    return value
 
 
-def _features(config: Any, device: torch.device | str) -> torch.Tensor:
-    """Whisper-style log-mel frames: the encoder's two convs halve `2 * max_source_positions`."""
-    frames = 2 * getattr(config, "max_source_positions", SEQ_LEN)
-    return torch.zeros(1, getattr(config, "num_mel_bins", 80), frames, device=device)
+def _empty_like(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device=device)

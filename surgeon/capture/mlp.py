@@ -83,6 +83,12 @@ def _classify(flow: Flow, down: fx.Node, by_feeder: dict[fx.Node, set[_Path]]) -
     found = [Found(down, "mlp.down", f"reads the output of another projection through {act}")]
     if len(by_feeder) == 1:
         (feeder, paths), = by_feeder.items()
+        mixed = _mixed_factor(flow, down, feeder)
+        if mixed is not None:
+            return [Found(feeder, "mixer.in", f"its output is mixed along the sequence (through "
+                          f"`{op_name(mixed)}`, not attention) and gated by itself into {where}"),
+                    Found(down, "mixer.out", "reads a sequence mixer's output gated by "
+                          f"`{flow.projs[feeder].module or flow.scope(feeder)}`")]
         if _split_gate_up(paths):
             found.append(Found(feeder, "mlp.gate_up", f"one slice of its output passes {act}, "
                                f"another does not, and both reach {where}"))
@@ -98,6 +104,39 @@ def _classify(flow: Flow, down: fx.Node, by_feeder: dict[fx.Node, set[_Path]]) -
             found.append(Found(feeder, "mlp.up", f"feeds {where} without an activation, gated "
                                "by a projection that passes one"))
     return found
+
+
+def _mixed_factor(flow: Flow, down: fx.Node, feeder: fx.Node) -> fx.Node | None:
+    """A state-space or linear-attention mixer: `down` reads `feeder`'s output gated (pointwise)
+    by a factor computed from that same output through non-pointwise ops (a convolution, a
+    scan). An MLP's only factors are projections' outputs and the nonlinearity itself."""
+    cone, queue, outside = set(), [flow.projs[down].data], []
+    while queue:
+        node = queue.pop()
+        if node in cone or node is feeder:
+            continue
+        if flow.kind[node] not in (PASS, SLICE, ACT):
+            outside.append(node)
+            continue
+        cone.add(node)
+        queue.extend(flow.inputs(node))
+    for node in outside:
+        if node not in flow.projs and _depends_on(flow, node, feeder):
+            return node
+    return None
+
+
+def _depends_on(flow: Flow, node: fx.Node, ancestor: fx.Node) -> bool:
+    seen, queue = set(), [node]
+    while queue:
+        current = queue.pop()
+        if current is ancestor:
+            return True
+        if current in seen:
+            continue
+        seen.add(current)
+        queue.extend(flow.inputs(current))
+    return False
 
 
 def _split_gate_up(paths: set[_Path]) -> bool:

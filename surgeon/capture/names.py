@@ -8,15 +8,16 @@ from __future__ import annotations
 
 # Every role inference can assign, in display order.
 ROLES: tuple[str, ...] = (
-    "attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "attn.kv",
-    "xattn.q", "xattn.k", "xattn.v", "xattn.o", "xattn.qkv", "xattn.kv",
+    "attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "attn.kv", "attn.gate",
+    "xattn.q", "xattn.k", "xattn.v", "xattn.o", "xattn.qkv", "xattn.kv", "xattn.gate",
     "mlp.up", "mlp.gate", "mlp.down", "mlp.gate_up",
+    "mixer.in", "mixer.out",
     "moe.router",
     "embed", "head", "other",
 )
 
 # Families a selector may name on its own: `@attn` is every attention projection, and so on.
-FAMILIES: tuple[str, ...] = ("attn", "xattn", "mlp", "moe")
+FAMILIES: tuple[str, ...] = ("attn", "xattn", "mlp", "mixer", "moe")
 
 # A fused projection produces several parts, so a selector for one part matches it.
 _FUSED_PARTS = {"qkv": ("q", "k", "v"), "kv": ("k", "v"), "gate_up": ("gate", "up")}

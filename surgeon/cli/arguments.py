@@ -58,6 +58,23 @@ def add_model_arguments(cmd: argparse.ArgumentParser, *, required: bool = True) 
                           "(repeat for several positional inputs)")
 
 
+
+def add_adapter_arguments(cmd: argparse.ArgumentParser) -> None:
+    """`--adapter DIR_OR_ID` (a PEFT checkpoint folder or a Hub id `user/repo`) and `--revision`."""
+    cmd.add_argument("--adapter", required=True, metavar="ADAPTER",
+                     help="a PEFT checkpoint folder (written by peft or by surgeon), or a Hub id "
+                          "`user/repo` (fetched through the Hugging Face cache; offline-aware)")
+    cmd.add_argument("--revision", default=None, metavar="REV",
+                     help="with a Hub id for --adapter: the branch, tag or commit (default: main)")
+
+
+def adapter_arg(args: argparse.Namespace) -> Path:
+    """The local folder `--adapter` names: itself, or the Hub snapshot of `--adapter` at
+    `--revision` (a `HubError`, one sentence, when it cannot be had)."""
+    from surgeon.integrations.hub import adapter_folder
+
+    return adapter_folder(args.adapter, revision=args.revision)
+
 def _input_shape(text: str):
     from surgeon.models.load import InputShape  # torch-free at import
 
@@ -65,6 +82,17 @@ def _input_shape(text: str):
         return InputShape.parse(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def seed(text: str) -> int:
+    """`--seed`: an int torch.manual_seed accepts (0 <= seed < 2**64), checked by argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed '{text}': a whole number") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"seed {value} is out of range: 0 <= seed < 2**64")
+    return value
 
 
 def load_model_arg(args: argparse.Namespace):

@@ -8,7 +8,6 @@ into exit code 2; this module never calls sys.exit.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,8 +18,10 @@ from surgeon.cli.arguments import (
     load_model_arg,
     load_spec_arg,
     print_json,
+    seed,
 )
 from surgeon.cli.output import atomic_dir, atomic_file, check_output
+from surgeon.cli.progress import stage
 from surgeon.peft_format import files
 
 # --------------------------------------------------------------------------- check
@@ -76,7 +77,7 @@ def _convert_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("-o", "--output", metavar="OUT",
                      help="the .peft file to write (stdout if omitted), or the folder for "
                           "adapter_config.json files (required when compiling)")
-    cmd.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    cmd.add_argument("--force", action="store_true", help="replace an existing output file or folder")
     add_model_arguments(cmd, required=False)
 
 
@@ -85,29 +86,51 @@ def run_convert(args: argparse.Namespace) -> int:
     if not source.exists():
         raise UsageError(f"'{args.source}': no such file or directory")
     if source.is_dir() or source.suffix == ".json":
-        return _decompile(source, args.output)
+        return _decompile(source, args.output, force=args.force)
     if args.output is None:
         raise UsageError("compiling a .peft file needs -o DIR for its adapter_config.json files")
     return _compile(args, Path(args.output))
 
 
-def _decompile(source: Path, output: str | None) -> int:
+def _decompile(source: Path, output: str | None, *, force: bool) -> int:
     from surgeon.lang import print_spec
     from surgeon.lang.spec import Spec
-    from surgeon.peft_format.config import spec_from_peft_config
 
     if output is not None:
-        check_output(Path(output), directory=False)
+        check_output(Path(output), directory=False, force=force)
     configs = _read_configs(source)
-    adapters = tuple(spec_from_peft_config(config, name=name) for name, config in configs.items())
+    adapters = tuple(_decompile_one(config, name, source) for name, config in configs.items())
     text = print_spec(Spec(adapters))
+    _must_check(text, source)
     if output is None:
         sys.stdout.write(text)
         return 0
-    with atomic_file(Path(output)) as tmp:
+    with atomic_file(Path(output), force=force) as tmp:
         tmp.write_text(text)
     print(f"wrote {output} ({len(adapters)} adapter{'s' if len(adapters) != 1 else ''})")
     return 0
+
+
+def _decompile_one(config: dict, name: str, source: Path):
+    from surgeon.peft_format.config import ConversionError, spec_from_peft_config
+
+    where = source if source.is_file() else files.adapter_config_path(files.adapter_dir(source, name))
+    try:
+        files.check_adapter_name(name)
+        return spec_from_peft_config(config, name=name)
+    except ConversionError as error:
+        raise UsageError(f"'{where}': {error}") from None
+
+
+def _must_check(text: str, source: Path) -> None:
+    """convert writes only what `surgeon check` accepts: the printed spec is parsed again."""
+    from surgeon.lang import SpecError, load_spec
+
+    try:
+        load_spec(text)
+    except SpecError as error:
+        first = error.diagnostics[0].message if error.diagnostics else str(error)
+        raise UsageError(f"'{source}' has no valid .peft equivalent: {first}") from None
 
 
 def _read_configs(source: Path) -> dict[str, dict]:
@@ -121,13 +144,7 @@ def _read_configs(source: Path) -> dict[str, dict]:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UsageError(f"'{path}': not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"'{path}': expected a JSON object (a PEFT adapter_config.json)")
-    return data
+    return files.read_config(path)  # a CheckpointError names the file and what is wrong
 
 
 def _compile(args: argparse.Namespace, output: Path) -> int:
@@ -175,8 +192,10 @@ def run_plan(args: argparse.Namespace) -> int:
     from surgeon.planning.planner import plan as make_plan
 
     spec = load_spec_arg(args.spec)
-    loaded = load_model_arg(args)
-    plan = make_plan(spec, loaded.model, example_inputs=loaded.example_inputs)
+    with _progress(f"loading {args.model}"):
+        loaded = load_model_arg(args)
+    with _progress("planning"):  # role selectors capture the graph here
+        plan = make_plan(spec, loaded.model, example_inputs=loaded.example_inputs)
     if args.json:
         print_json(plan.to_json())
     else:
@@ -189,7 +208,7 @@ def _apply_arguments(cmd: argparse.ArgumentParser) -> None:
     add_model_arguments(cmd)
     cmd.add_argument("-o", "--output", required=True, metavar="DIR", help="where to write the checkpoint")
     cmd.add_argument("--adapter", metavar="NAME", help="apply only this adapter of the spec")
-    cmd.add_argument("--seed", type=int, default=0, help="seed for the adapter initialisation (default 0)")
+    cmd.add_argument("--seed", type=seed, default=0, help="seed for the adapter initialisation (default 0)")
     cmd.add_argument("--force", action="store_true", help="replace a non-empty output folder")
 
 
@@ -204,11 +223,14 @@ def run_apply(args: argparse.Namespace) -> int:
     from surgeon.planning.planner import plan as make_plan
     from surgeon.runtime.state import state_of
 
-    loaded = load_model_arg(args)
-    _warn_unmatched(make_plan(spec, loaded.model, example_inputs=loaded.example_inputs))
+    with _progress(f"loading {args.model}"):
+        loaded = load_model_arg(args)
+    with _progress("planning"):  # role selectors capture the graph here
+        _warn_unmatched(make_plan(spec, loaded.model, example_inputs=loaded.example_inputs))
     torch.manual_seed(args.seed)
-    apply(spec, loaded.model, example_inputs=loaded.example_inputs)
-    with atomic_dir(output, force=args.force) as tmp:
+    with _progress("applying"):
+        apply(spec, loaded.model, example_inputs=loaded.example_inputs)
+    with _progress(f"saving {output}"), atomic_dir(output, force=args.force) as tmp:
         save_pretrained(loaded.model, tmp)
     installed = state_of(loaded.model).adapters
     sites = sum(len(a.sites) for a in installed)
@@ -221,6 +243,12 @@ def run_apply(args: argparse.Namespace) -> int:
         print(f"wrote adapter '{a.adapter.name}' ({a.adapter.method}, {len(a.sites)} sites) "
               f"to {files.adapter_dir(output, a.adapter.name)}")
     return 0
+
+
+def _progress(label: str):
+    """`label ... 1.2 s` on stderr when it is a terminal; piped or redirected output (and so
+    `--json` consumers and logs) stays exactly the command's results."""
+    return stage(label, quiet=not sys.stderr.isatty())
 
 
 def _warn_unmatched(plan) -> None:

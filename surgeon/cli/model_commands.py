@@ -6,7 +6,15 @@ import argparse
 import shutil
 from pathlib import Path
 
-from surgeon.cli.arguments import Command, UsageError, add_model_arguments, load_model_arg, print_json
+from surgeon.cli.arguments import (
+    Command,
+    UsageError,
+    adapter_arg,
+    add_adapter_arguments,
+    add_model_arguments,
+    load_model_arg,
+    print_json,
+)
 from surgeon.cli.output import atomic_dir, check_output
 from surgeon.cli.progress import LARGE_MODEL_PARAMS, bar, stage
 from surgeon.peft_format import files
@@ -23,14 +31,16 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 def _merge_arguments(cmd: argparse.ArgumentParser) -> None:
     add_model_arguments(cmd)
-    cmd.add_argument("--adapter", required=True, metavar="DIR",
-                     help="a PEFT checkpoint folder (written by peft or by surgeon)")
+    add_adapter_arguments(cmd)
     cmd.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for the merged model")
     cmd.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    cmd.add_argument("--safe-merge", action="store_true",
+                     help="check every merged weight for NaN/inf and write nothing if one has any "
+                          "(PEFT's safe_merge)")
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    adapter = Path(args.adapter)
+    adapter = adapter_arg(args)
     if not (adapter / files.CONFIG_NAME).is_file():
         raise UsageError(f"--adapter '{args.adapter}': {_why_not_an_adapter(adapter)}")
     output = Path(args.output)
@@ -44,7 +54,8 @@ def run_merge(args: argparse.Namespace) -> int:
     with stage(f"loading adapter {adapter}"):
         load_adapter(loaded.model, adapter)
     with stage("merging"):
-        merged = _merge_and_unload(loaded.model, large=total >= LARGE_MODEL_PARAMS)
+        merged = _merge_and_unload(loaded.model, large=total >= LARGE_MODEL_PARAMS,
+                                   safe=args.safe_merge)
     with stage(f"saving {total:,} parameters"), atomic_dir(output, force=args.force) as tmp:
         _save_model(merged, tmp, loaded.source_dir if loaded.is_transformers else None)
     print(f"merged {adapter} into {loaded.name} ({total:,} parameters)")
@@ -61,18 +72,28 @@ def _why_not_an_adapter(folder: Path) -> str:
     return f"no {files.CONFIG_NAME} in it"
 
 
-def _merge_and_unload(model, *, large: bool):
-    """surgeon.api.merge_and_unload, one layer at a time so that a large model shows a bar."""
-    from surgeon.api import unload
+def _merge_and_unload(model, *, large: bool, safe: bool = False):
+    """surgeon.api.merge_and_unload, one layer at a time so that a large model shows a bar.
+    With `safe`, a merged weight holding NaN or inf stops the command before anything is written
+    (PEFT's safe_merge checks the same thing)."""
+    import torch
+
+    from surgeon.api import unload, warn_if_tied
     from surgeon.runtime.state import require_state
     from surgeon.runtime.wrappers import adapted_layers
 
     active = require_state(model).active
     layers = list(adapted_layers(model))
-    for _, layer in bar(layers, total=len(layers), label="merging", large=large):
+    warn_if_tied(model, [(p, layer) for p, layer in layers if any(a in layer.sites for a in active)])
+    for path, layer in bar(layers, total=len(layers), label="merging", large=large):
         names = [a for a in active if a in layer.sites]
         if names:
             layer.merge(names)
+            bias = layer.base_layer.bias
+            finite = torch.isfinite(layer.base_layer.weight).all() and (bias is None or torch.isfinite(bias).all())
+            if safe and not finite:
+                raise UsageError(f"--safe-merge: merging {names} into `{path}` gives NaN or inf "
+                                 "weights; the adapter seems broken, nothing was written")
     return unload(model)  # merges stay; the adapted layers give way to their base layers
 
 
@@ -94,7 +115,8 @@ def _save_model(model, folder: Path, source_dir: Path | None) -> None:
 MERGE = Command(
     "fold a PEFT adapter into its base model and save the full model (safetensors)",
     "  surgeon merge --model minilm --adapter out/adapter -o out/merged\n"
-    "  surgeon merge --model meta-llama/Llama-3.2-1B --adapter ./peft-ckpt -o merged/\n",
+    "  surgeon merge --model meta-llama/Llama-3.2-1B --adapter ./peft-ckpt -o merged/\n"
+    "  surgeon merge --model minilm --adapter out/adapter -o out/merged --safe-merge\n",
     _merge_arguments, run_merge)
 
 

@@ -20,6 +20,17 @@ from surgeon.lang.syntax import Located, RawAdapter, RawRule, RawSpec
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 
+def adapter_name_problem(name: object) -> str | None:
+    """Why `name` cannot name an adapter (None: it can). PEFT saves an adapter in a folder of
+    that name, so this is checked wherever a name enters (specs, configs, API arguments)."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
+        return (f"the adapter name {name!r} is not a plain name: use letters, digits, '_', '-' "
+                "and '.', starting with a letter, digit or '_' (PEFT saves it as a folder name)")
+    if len(name.encode()) > 200:
+        return f"the adapter name {name[:20]!r}... is longer than 200 bytes (it becomes a folder name)"
+    return None
+
+
 def check(raw: RawSpec, source: str, file: str) -> tuple[Spec | None, list[Diagnostic]]:
     """The checked Spec (None if any error) and every diagnostic found."""
     diags: list[Diagnostic] = []
@@ -46,7 +57,7 @@ def check(raw: RawSpec, source: str, file: str) -> tuple[Spec | None, list[Diagn
 
 def _adapter(raw: RawAdapter, diags: list[Diagnostic]) -> Adapter:
     name, method = raw.name, raw.method
-    if not _ADAPTER_NAME.fullmatch(name.value):
+    if adapter_name_problem(name.value):
         diags.append(error(
             name.span, f"the adapter name {show(name.value)} is not a plain name",
             hint="use letters, digits, '_', '-' and '.' (PEFT saves it as a folder name)",

@@ -79,6 +79,11 @@ def check_atom(atom: Atom, diags: list[Diagnostic]) -> None:
         _check_regex(atom, diags)
 
 
+# A layer stack name (PEFT's layers_pattern): PEFT builds a regex around it, so only plain
+# names are accepted; a backtracking pattern there would hang every plan.
+STACK_NAME = re.compile(r"[\w\-.]+")
+
+
 def check_name(name: Located[str], diags: list[Diagnostic], what: str) -> str:
     """A module name or dotted path: non-empty, no empty dot segments, no whitespace."""
     text = name.value
@@ -106,6 +111,10 @@ def check_layers(raw: RawLayers, diags: list[Diagnostic]) -> Layers:
             _check_slice(item, diags)
     for pattern in raw.pattern:
         check_name(pattern, diags, what="layer stack name")
+        if not STACK_NAME.fullmatch(pattern.value or "x"):  # PEFT puts it in a regex, unescaped
+            diags.append(error(pattern.span, f"the layer stack name {pattern.value!r} is not a plain "
+                                             "name (letters, digits, '_', '-', '.')",
+                               hint='name the attribute holding the blocks, e.g. of "layers"'))
     return Layers(tuple(i.value for i in raw.items), tuple(p.value for p in raw.pattern), raw.span)
 
 

@@ -1,4 +1,5 @@
-"""`.peft` text -> checked `Spec`. The only way in; raises nothing but `SpecError`.
+"""`.peft` text -> checked `Spec`. The only way in; raises nothing but `SpecError` on any text
+(and `SpecFileError` for a path that is no regular file of sensible size).
 
     text --Lark LALR (grammar/peft.lark)--> parse tree --Builder--> syntax tree --check--> Spec
 
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 from importlib import resources
 from pathlib import Path
 
 from lark import Lark, Tree
 from lark.exceptions import UnexpectedInput
 
+from surgeon.errors import UserError
 from surgeon.lang.build import Builder
 from surgeon.lang.check import check
 from surgeon.lang.diagnostics import Diagnostic, SpecError, error
@@ -105,13 +108,23 @@ def _names_file(source: str) -> bool:
     if "\n" in source or len(source) > 4096:
         return False
     try:
-        return Path(source).is_file()
+        path = Path(source)
+        return path.exists() and not path.is_dir()  # a device or FIFO is refused when read
     except (OSError, ValueError):
         return False
 
 
+# The largest .peft file read (bytes): real specs are a few KiB; this stops `/dev/zero` or a
+# mistyped multi-GB path from being read until memory runs out.
+MAX_SPEC_BYTES = 4 * 2**20
+
+
+class SpecFileError(UserError, ValueError):
+    """A spec path that is no readable regular file of sensible size; the message says which."""
+
+
 def _load_file(path: Path) -> Spec:
-    data = path.read_bytes()
+    data = _read_bounded(path)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -120,6 +133,20 @@ def _load_file(path: Path) -> Spec:
         message = f"this file is not valid UTF-8 (byte 0x{data[e.start]:02x})"
         raise SpecError([error(span_at(str(path), text, at, at + 1), message)], text) from None
     return parse(text, file=str(path))
+
+
+def _read_bounded(path: Path) -> bytes:
+    """The file's bytes, refusing devices, FIFOs and folders (checked on the open descriptor,
+    so no race with the check) and anything over MAX_SPEC_BYTES (read stops there)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block here
+    with os.fdopen(fd, "rb") as file:  # FileNotFoundError / PermissionError as Python says them
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SpecFileError(f"spec '{path}' is not a regular file")
+        data = file.read(MAX_SPEC_BYTES + 1)
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecFileError(f"spec '{path}' is larger than {MAX_SPEC_BYTES // 2**20} MiB; "
+                            "is it really a .peft file?")
+    return data
 
 
 def _too_deep(tree: Tree, file: str) -> Diagnostic | None:

@@ -92,6 +92,9 @@ class MethodConfig:
         site_options: options copied into every Site (what the layer part reads).
         required: options the method cannot run without.
         unplanned: options that change what is adapted in ways a Site cannot say yet: refused.
+        unimplemented: options that select a PEFT variant the runtime does not implement (KaSA,
+            VeLoRA, ...): parsed and converted, but refused by the planner at their span when
+            set, because building the plain method instead would silently compute other outputs.
         ignored: PEFT fields PEFT accepts but ignores for this method (dropped when read).
         unmodeled: PEFT fields the language does not model, with PEFT's defaults (written as
             those defaults; reading another value is an error, never a silent loss).
@@ -100,6 +103,14 @@ class MethodConfig:
         rule_hints: (rule kind, hint) for a rule the method refuses, when a hint helps.
         bare_keys: containers whose `<name>.<adapter>.weight` PEFT saves as `<name>` alone
             (DoRA's magnitude vector), a quirk of PEFT's checkpoint keys.
+        flag_rules: (rule kind, site option, default roles): a rule of that kind (its class
+            name lower-cased) marks the targeted sites it selects with the option true, every
+            other site false (IA3's `feedforward` rule -> `is_feedforward`), so the planner
+            needs no per-method case; with the classic placement (no target rule) the default
+            roles select them instead.
+        shared_keys: containers holding one tensor per adapter for the whole model (VeRA's
+            projections), which every adapted layer references; the checkpoint holds each once
+            as PEFT's `base_model.<name>` (see `surgeon.runtime.method`'s shared containers).
     """
 
     name: str
@@ -114,12 +125,15 @@ class MethodConfig:
     site_options: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
     unplanned: tuple[str, ...] = ()
+    unimplemented: tuple[str, ...] = ()
     ignored: frozenset[str] = frozenset()
     unmodeled: tuple[Field, ...] = ()
     summary: tuple[str, ...] = ()
     summary_flags: tuple[str, ...] = ()
     rule_hints: tuple[tuple[str, str], ...] = ()
     bare_keys: tuple[str, ...] = ()
+    flag_rules: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    shared_keys: tuple[str, ...] = ()
 
     def field(self, name: str) -> Field | None:
         """The option `name` (PEFT field name or alias), or None."""

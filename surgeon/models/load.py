@@ -37,6 +37,8 @@ class ModelError(UserError):
 
 
 # `--input` dtypes by name (torch-free, so the command line can check them before importing torch).
+# The largest `--input` (elements): capture needs the shape, not the data; 2**26 float32 is 256 MiB.
+MAX_INPUT_ELEMENTS = 2**26
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
@@ -57,7 +59,14 @@ class InputShape:
         parts = dims.lower().split("x")
         if not all(p.isdigit() and int(p) > 0 for p in parts):
             raise ValueError(f"bad shape '{dims}' in '{text}': positive sizes joined by x, e.g. 2x16:float32")
-        return cls(tuple(int(p) for p in parts), dtype)
+        shape = tuple(int(p) for p in parts)
+        numel = 1
+        for n in shape:
+            numel *= n
+        if numel > MAX_INPUT_ELEMENTS:  # checked before allocating: an example input, not a dataset
+            raise ValueError(f"shape '{dims}' in '{text}' has {numel:,} elements; an example input "
+                             f"may have at most {MAX_INPUT_ELEMENTS:,}")
+        return cls(shape, dtype)
 
     def tensor(self) -> Any:
         """Zeros for integer dtypes (valid token ids and indices), seeded normal values otherwise."""
@@ -140,9 +149,13 @@ def _load_dir(path: Path, *, name: str) -> LoadedModel:
         hint = (" (it holds a PEFT adapter: pass the base model with --model)"
                 if (path / "adapter_config.json").is_file() else "")
         raise ModelError(f"model '{name}': no config.json in '{path}'{hint}")
+    _refuse_pickles(path, name)
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:  # invalid JSON, unknown model_type, ...
+        raise ModelError(f"model '{name}': cannot read '{path / 'config.json'}': {error}") from None
     model_class = _class_from_config(config)
     try:
         model = model_class.from_pretrained(path)
@@ -150,6 +163,17 @@ def _load_dir(path: Path, *, name: str) -> LoadedModel:
         raise ModelError(f"model '{name}': cannot load the weights in '{path}': {error}") from None
     model.eval()
     return LoadedModel(model, None, name, path, reference=name if name != "minilm" else str(path))
+
+
+def _refuse_pickles(path: Path, name: str) -> None:
+    """A folder whose weights are only pickles (`pytorch_model.bin`, `*.pt`): unpickling can run
+    code, so it is refused, without torch's advice to turn `weights_only` off."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in path.glob(pattern))
+    if pickles:
+        raise ModelError(f"model '{name}': its weights are pickles ({', '.join(pickles)}), which surgeon "
+                         "does not load; convert them to safetensors first")
 
 
 def _class_from_config(config: Any) -> Any:
@@ -197,7 +221,7 @@ def _load_tiny(spec: str) -> LoadedModel:
     import torch
     import transformers
 
-    from surgeon.models.tiny import shrink_config_dict
+    from surgeon.models.tiny import fit_mrope, shrink_config_dict
 
     _, _, rest = spec.partition(":")
     model_type, _, class_name = rest.partition(":")
@@ -210,7 +234,10 @@ def _load_tiny(spec: str) -> LoadedModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         try:
-            config = type(config).from_dict(shrink_config_dict(config.to_dict()))
+            shrunk = shrink_config_dict(config.to_dict())
+            if _uses_mrope(config):
+                shrunk = fit_mrope(shrunk)
+            config = type(config).from_dict(shrunk)
             model_class = _tiny_class(spec, config, class_name)
             build = model_class.from_config if model_class.__name__.startswith("Auto") \
                 else model_class._from_config
@@ -223,6 +250,23 @@ def _load_tiny(spec: str) -> LoadedModel:
                              f"{type(error).__name__}: {first_line}") from None
     model.eval()
     return LoadedModel(model, None, spec, None)
+
+
+def _uses_mrope(config: Any) -> bool:
+    """Whether the architecture's modeling code has multimodal RoPE sections (read from source:
+    the sections are a default in the code, not a config field)."""
+    import inspect
+
+    classes = [type(config), *(c for c in (getattr(config, "sub_configs", None) or {}).values()
+                               if isinstance(c, type))]
+    for cls in classes:
+        try:
+            module = importlib.import_module(cls.__module__.replace(".configuration_", ".modeling_"))
+            if "mrope_section" in inspect.getsource(module):
+                return True
+        except (ImportError, OSError, TypeError):
+            continue
+    return False
 
 
 def _tiny_class(spec: str, config: Any, class_name: str) -> Any:
@@ -262,9 +306,10 @@ def _class_of_config(spec: str, config: Any) -> Any:
     import transformers
 
     module = importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
+    # Not the abstract base (`...PreTrainedModel`): it has no forward of its own.
     found = [cls for cls in vars(module).values()
              if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
-             and cls.config_class is type(config)]
+             and cls.config_class is type(config) and not cls.__name__.endswith("PreTrainedModel")]
     if not found:
         raise ModelError(f"model '{spec}': transformers has no model class for '{config.model_type}'")
     # The bare model before any task head: the shortest name, e.g. Blip2VisionModel.

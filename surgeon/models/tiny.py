@@ -42,7 +42,9 @@ _SIZES: dict[str, int] = {
 _KV_HEADS = ("num_key_value_heads", "n_head_kv", "num_kv_heads", "multi_query_group_num")
 _HEAD_COUNTS = ("num_attention_heads", "n_head", "num_heads")
 _LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
-                 "decoder_layers")
+                 "decoder_layers", "depth")
+# Counts some default configs leave unset (None) although the model needs them.
+_UNSET = {"num_experts_per_tok": 2, "head_dim": HEAD_DIM, "vocab_size": VOCAB}
 # Derived from the layer or stage count; the config recomputes them when they are absent.
 _DERIVED = ("stage_names", "out_features", "out_indices", "_out_features", "_out_indices")
 
@@ -76,11 +78,13 @@ def _shrink_value(key: str, value: Any, config: dict[str, Any], before: int | No
             return shrink_config_dict(value)
         if key == "per_layer_config":  # {layer index: overrides}
             return {k: v for k, v in value.items() if str(k).isdigit() and int(k) < after}
+        if isinstance(value.get("mrope_section"), list):  # rope_parameters: sections of head_dim / 2
+            return {**value, "mrope_section": _fit_sections(value["mrope_section"], HEAD_DIM // 2)}
         return value
     if isinstance(value, list):
         return _shrink_list(key, value, before, after)
-    if value is None and key in ("head_dim", "vocab_size"):
-        return _SIZES[key]  # some default configs leave them unset and do not build without them
+    if value is None and key in _UNSET:
+        return _UNSET[key]  # some default configs leave them unset and do not build without them
     if isinstance(value, bool) or not isinstance(value, int):
         return value
     if key in _KV_HEADS:
@@ -120,6 +124,15 @@ def _shrink_list(key: str, value: list, before: int | None, after: int) -> list:
     if before and len(value) == before and before > after:
         return _keep_kinds(value, after)
     return value
+
+
+def _fit_sections(sections: list, total: int) -> list:
+    """Multimodal RoPE sections (t, h, w) rescaled to sum to `total`, each at least 1."""
+    if not sections or not all(isinstance(v, int) and v > 0 for v in sections):
+        return sections
+    scaled = [max(1, v * total // sum(sections)) for v in sections]
+    scaled[-1] += total - sum(scaled)
+    return scaled if scaled[-1] > 0 else sections
 
 
 def _keep_kinds(values: list, n: int) -> list:
@@ -180,3 +193,16 @@ def _fit_hybrid_periods(config: dict[str, Any], layers: int) -> None:
             offset_key = key.replace("_period", "_offset")
             if isinstance(config.get(offset_key), int):
                 config[offset_key] = min(config[offset_key], layers - 1)
+
+
+def fit_mrope(config: dict[str, Any]) -> dict[str, Any]:
+    """Multimodal RoPE whose sections default in the modeling code (Qwen2-VL's [16, 24, 24], made
+    for head_dim 128): state sections that fit the tiny head_dim in every `rope_parameters`."""
+    out = dict(config)
+    for key, value in config.items():
+        if isinstance(value, dict) and "model_type" in value:
+            out[key] = fit_mrope(value)
+        elif key == "rope_parameters" and isinstance(value, dict) and "mrope_section" not in value:
+            out[key] = {**value, "mrope_section": _fit_sections([16, 24, 24], HEAD_DIM // 2)}
+    return out
+

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from surgeon import methods
+from surgeon.lang.matching import full_matches
 from surgeon.peft_format.files import CheckpointError
 
 if TYPE_CHECKING:
@@ -64,7 +65,13 @@ def strip_adapter_name(key: str, adapter: str) -> str:
 
 
 def checkpoint_key(model_key: str, adapter: str) -> str:
-    """The checkpoint key of one adapter-owned model key (prefix added, adapter name removed)."""
+    """The checkpoint key of one adapter-owned model key (prefix added, adapter name removed).
+
+    A method's shared container (`MethodConfig.shared_keys`, VeRA's `vera_A`) appears under
+    every layer in the state_dict; PEFT saves it once, as `base_model.<name>`."""
+    for name in _shared_keys():
+        if model_key == f"{name}.{adapter}" or model_key.endswith(f".{name}.{adapter}"):
+            return f"base_model.{name}"
     if any(model_key.endswith(f"{name}.{adapter}.weight") for name in _bare_keys()):
         model_key = model_key.removesuffix(".weight")
     return PREFIX + strip_adapter_name(model_key, adapter)
@@ -73,6 +80,11 @@ def checkpoint_key(model_key: str, adapter: str) -> str:
 def _bare_keys() -> tuple[str, ...]:
     """Every method's containers whose `.weight` PEFT's keys drop (`MethodConfig.bare_keys`)."""
     return tuple(key for name in methods.names() for key in methods.config_of(name).bare_keys)
+
+
+def _shared_keys() -> tuple[str, ...]:
+    """Every method's model-level containers (`MethodConfig.shared_keys`)."""
+    return tuple(key for name in methods.names() for key in methods.config_of(name).shared_keys)
 
 
 def _under(key: str, path: str) -> str | None:
@@ -117,7 +129,7 @@ def _embedding_keys(keys, layout: Layout, config: dict) -> list[str]:
         return []
     if isinstance(target, str):
         named = [p for p in layout.adapted if re.match(rf"(.*\.)?({'|'.join(_EMBEDDING_NAMES)})$", p)]
-        targeted = target != "all-linear" and any(re.fullmatch(target, p) for p in named)
+        targeted = target != "all-linear" and bool(full_matches(target, named))
     else:
         targeted = any(n in target for n in _EMBEDDING_NAMES)
     if not targeted:

@@ -14,6 +14,7 @@ folder share it. Torch is imported only by the functions that read or write tens
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 README_NAME = "README.md"
 DEFAULT = "default"  # the adapter that sits at the top of the folder
+_DISK_ERRNOS = (errno.EIO, errno.ENOSPC)  # the machine's trouble, not the file's
 
 
 class CheckpointError(UserError, ValueError):
@@ -42,9 +44,27 @@ class CheckpointError(UserError, ValueError):
 # --------------------------------------------------------------------------- layout
 
 
+class AdapterNameError(UserError, ValueError):
+    """An adapter name that could not be a folder name (`../x`, `/abs`, `a/b`, ``)."""
+
+
+def check_adapter_name(name: object) -> str:
+    """`name`, or an AdapterNameError: a name becomes a folder, so it must never leave one."""
+    from surgeon.lang.check import adapter_name_problem
+
+    if problem := adapter_name_problem(name):
+        raise AdapterNameError(problem)
+    return name
+
+
 def adapter_dir(path: str | os.PathLike, adapter: str) -> Path:
     """Where PEFT keeps `adapter` below a save path: the path itself for "default"."""
-    return Path(path) if adapter == DEFAULT else Path(path) / adapter
+    return Path(path) if check_adapter_name(adapter) == DEFAULT else Path(path) / adapter
+
+
+def adapter_config_path(path: str | os.PathLike) -> Path:
+    """The adapter_config.json of the adapter folder `path`, for messages."""
+    return Path(path) / CONFIG_NAME
 
 
 def adapters_in(folder: str | os.PathLike) -> dict[str, Path]:
@@ -73,41 +93,123 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False
     """(adapter_config dict, checkpoint tensors) of one adapter folder.
 
     Safetensors is read when present; a pickled `adapter_model.bin` only with `allow_pickle=True`,
-    and then with `torch.load(weights_only=True)` so it cannot run code.
+    and then with `torch.load(weights_only=True)` so it cannot run code. Every way a file can be
+    broken (missing, dangling link, not JSON, not an object, truncated or random safetensors, a
+    huge header) is a CheckpointError naming the file.
     """
     folder = Path(path)
-    config_file = folder / CONFIG_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no `{CONFIG_NAME}` in `{folder}`: not a PEFT adapter checkpoint")
-    config = json.loads(config_file.read_text())
-    if (folder / WEIGHTS_NAME).is_file():
-        from safetensors.torch import load_file
-
-        return config, load_file(folder / WEIGHTS_NAME)
+    if not folder.is_dir():
+        raise CheckpointError(f"`{folder}`: no such directory (a PEFT checkpoint is a folder)")
+    config = read_config(folder / CONFIG_NAME)
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        return config, _read_safetensors(weights)
     if (folder / PICKLE_NAME).is_file():
         if not allow_pickle:
             raise CheckpointError(f"`{folder / PICKLE_NAME}` is a pickle; pass allow_pickle=True to load "
                                   "it (read with torch.load(weights_only=True))")
         import torch
 
-        return config, torch.load(folder / PICKLE_NAME, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no `{WEIGHTS_NAME}` (or `{PICKLE_NAME}`) in `{folder}`")
+        try:
+            return config, torch.load(folder / PICKLE_NAME, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise CheckpointError(f"`{folder / PICKLE_NAME}` cannot be read with torch.load(weights_only=True): "
+                                  f"it is no pickle of plain tensors ({type(error).__name__})") from None
+    dangling = " (a dangling link)" if weights.is_symlink() else ""
+    raise CheckpointError(f"no `{WEIGHTS_NAME}` (or `{PICKLE_NAME}`) in `{folder}`{dangling}")
+
+
+# An adapter_config.json is a few KiB; anything far larger is not one.
+MAX_CONFIG_BYTES = 16 * 2**20
+
+
+def read_config(file: Path) -> dict:
+    """An adapter_config.json as a dict, or a CheckpointError saying what is wrong with it."""
+    if not file.is_file():
+        dangling = " (a dangling link)" if file.is_symlink() else ""
+        raise CheckpointError(f"no `{CONFIG_NAME}` in `{file.parent}`{dangling}: "
+                              "not a PEFT adapter checkpoint")
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"`{file}` is over {MAX_CONFIG_BYTES // 2**20} MiB: not an adapter config")
+    try:
+        config = json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CheckpointError(f"`{file}` is not valid JSON ({_first_line(error)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"`{file}` holds a JSON {type(config).__name__}, not an object: "
+                              "not a PEFT adapter config")
+    return config
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; safetensors itself checks the header size and that
+    every tensor lies inside the file, before allocating."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file)
+    except Exception as error:  # noqa: BLE001 - SafetensorError, and OSError for odd files
+        if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
+            raise
+        raise CheckpointError(f"`{file}` is not a readable safetensors file ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error) or type(error).__name__).splitlines()[0]
 
 
 def write_checkpoint(path: str | os.PathLike, adapters: dict[str, tuple[dict, dict[str, torch.Tensor]]],
                      readme: str) -> None:
-    """Write adapters {name: (config, tensors)} as PEFT does, all-or-nothing.
+    """Write adapters {name: (config, tensors)} as PEFT does, as one swap of the whole folder.
 
-    Into an existing folder each file is replaced and other files stay, as with PEFT's
-    `save_pretrained`; see `atomic_dir`.
+    Into an existing folder, the new folder is built beside it with the files that are not
+    adapters carried over (hard links where possible), then swapped in with one rename: a failure
+    at any point leaves the old folder as it was, and the result holds exactly the adapters of
+    this save (an adapter subfolder from an earlier save does not linger). A non-adapter file or
+    folder where an adapter must go is refused before anything is written.
     """
     target = Path(path)
-    if target.is_file():
-        raise NotADirectoryError(f"`{target}` is a file; save_pretrained needs a directory")
-    with atomic_dir(target, replace=False) as tmp:
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise CheckpointError(f"`{target}` exists and is not a directory; save_pretrained needs one")
+    for name in adapters:
+        where = adapter_dir(target, name)
+        if name != DEFAULT and where.exists() and not (where / CONFIG_NAME).is_file():
+            raise CheckpointError(f"`{where}` exists and is not an adapter folder; adapter "
+                                  f"'{name}' would replace it (move it away first)")
+    with atomic_dir(target, replace=True) as tmp:
         (tmp / README_NAME).write_text(readme)
         for name, (config, tensors) in adapters.items():
             _write_adapter(adapter_dir(tmp, name), config, tensors)
+        follow_umask(tmp)  # before carrying over: the user's own files keep their modes
+        _carry_over(target, tmp)
+
+
+# The files of the top-level ("default") adapter; they belong to the save, never carried over.
+_ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME, README_NAME)
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Link or copy into `new` what `old` holds besides adapters (the user's own files)."""
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        dst = new / entry.name
+        if entry.name in _ADAPTER_FILES or dst.exists() or (entry / CONFIG_NAME).is_file():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, dst)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        else:
+            os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -149,7 +251,8 @@ def atomic_dir(target: Path, *, replace: bool = True) -> Iterator[Path]:
     A new `target` is renamed into place in one step. An existing one is swapped out whole when
     `replace` (a command's `--force`), else each new file is moved into it with `os.replace` (so
     other files stay). On failure the temporary folder goes, and so do the parents it created.
-    The folder has ordinary permissions (what `mkdir` gives under the umask), not mkdtemp's 0700.
+    The folder has ordinary permissions (what `mkdir` gives under the umask), not mkdtemp's 0700;
+    callers apply `follow_umask` to what they wrote.
 
     Example:
         with atomic_dir(Path("out/adapter")) as tmp:
@@ -179,11 +282,36 @@ def atomic_file(target: Path) -> Iterator[Path]:
     tmp = target.parent / f".{target.name}.{os.urandom(4).hex()}.partial"
     try:
         yield tmp
+        follow_umask(tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         _remove_dirs(created)
         raise
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux tells it (else set and reset)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: Path) -> None:
+    """Give `root` and everything under it the modes a plain `open`/`mkdir` would: libraries such
+    as safetensors write 0600, which `ls -l` then shows unlike every other written file."""
+    mask = umask()
+    paths = [root] + (list(root.rglob("*")) if root.is_dir() else [])
+    for path in paths:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _fresh_dir(target: Path, suffix: str) -> Path:

@@ -8,8 +8,12 @@ that differ from PEFT's defaults.
 from __future__ import annotations
 
 import difflib
+import enum
+import json
 import re
 
+from surgeon import methods as registry
+from surgeon.lang.check_selection import STACK_NAME
 from surgeon.lang.spec import (
     Adapter,
     AllLinear,
@@ -66,15 +70,34 @@ def spec_from_peft_config(config: dict, *, name: str = "default") -> Adapter:
         >>> a.options, a.rules
         ((Option(name='r', value=16),), (Target(selection=Selection(include=(Name(pattern='q'), ...
     """
+    if not isinstance(config, dict):
+        raise ConversionError(f"an adapter config is a JSON object, not {type(config).__name__}")
     method = _method(config)
     fields = peft_fields(method)
-    unknown = [k for k in config if k not in fields and k != "runtime_config"]  # PEFT drops it
-    if unknown:
-        close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
-        hint = f"; did you mean `{close[0]}`?" if close else ""
-        raise ConversionError(f"`{unknown[0]}` is not a field of PEFT's {peft_type(method)} config{hint}")
+    _tolerate_unknown(config, fields, method)
     return Adapter(name, method, _options(config, method), _rules(config, method))
 
+
+
+def _tolerate_unknown(config: dict, fields, method: str) -> None:
+    """Fields this PEFT version does not know, as peft loads them: ignored, with one warning naming
+    them all, when each is off (null, false, empty: a newer peft's new feature left at its default).
+    One set to anything else may change the math in a way surgeon cannot know, so it is refused."""
+    unknown = [k for k in config if k not in fields and k != "runtime_config"]  # PEFT drops it
+    active = [k for k in unknown if config[k] not in (None, False, "", [], {})]
+    if active:
+        close = difflib.get_close_matches(str(active[0]), fields, n=1)
+        hint = (f"; did you mean `{close[0]}`?" if close else "") + (
+            " (if it is a newer peft's option, surgeon cannot tell whether it changes the math, so it "
+            "refuses the config rather than ignore it)")
+        raise ConversionError(f"`{active[0]}` is not a field of PEFT's {peft_type(method)} config{hint}")
+    if unknown:
+        import warnings
+
+        names = ", ".join(f"`{k}`" for k in unknown)
+        warnings.warn(f"adapter_config.json has fields PEFT 0.21's {peft_type(method)} config does not "
+                      f"know: {names}; they are off (null/false/empty), so they are ignored, as peft "
+                      "ignores them", UserWarning, stacklevel=3)
 
 def _options(config: dict, method: str) -> tuple[Option, ...]:
     """The option fields that differ from PEFT's defaults, in the printer's canonical order."""
@@ -86,6 +109,9 @@ def _options(config: dict, method: str) -> tuple[Option, ...]:
         value = spec_value(config[field])
         if same_value(value, spec_value(default_of(method, field))):
             continue
+        option = registry.config_of(method).field(field)
+        if option is not None and (problem := option.problem(value)):  # r: "8", r: -4, dropout: 5.0
+            raise ConversionError(f"`{field}` {problem}; got {json.dumps(config[field], default=repr)}")
         if role == "unsupported":
             raise ConversionError(
                 f"`{field}` = {config[field]!r}: surgeon's `{method}` has no such option "
@@ -97,6 +123,8 @@ def _options(config: dict, method: str) -> tuple[Option, ...]:
 
 def _method(config: dict) -> str:
     peft_type = config.get("peft_type")
+    if not isinstance(peft_type, (str, enum.Enum, type(None))):  # to_dict() holds PeftType
+        raise ConversionError(f"`peft_type` must be a string such as \"LORA\", not {peft_type!r}")
     if peft_type is None:
         raise ConversionError("the config has no `peft_type`; is this a PEFT adapter_config.json?")
     peft_type = str(spec_value(peft_type))
@@ -110,9 +138,9 @@ def _rules(config: dict, method: str) -> tuple[Rule, ...]:
     if get("exclude_modules"):
         rules.append(Exclude(Selection(_atoms(get("exclude_modules"), "exclude_modules"))))
     if role_of(method, "rank_pattern") == "selector" and get("rank_pattern"):
-        rules += rules_from_pattern(get("rank_pattern"), Rank)
+        rules += rules_from_pattern(_pattern(get("rank_pattern"), "rank_pattern"), Rank)
     if role_of(method, "alpha_pattern") == "selector" and get("alpha_pattern"):
-        rules += rules_from_pattern(get("alpha_pattern"), Alpha)
+        rules += rules_from_pattern(_pattern(get("alpha_pattern"), "alpha_pattern"), Alpha)
     if get("modules_to_save"):
         rules.append(Save(tuple(_strings(get("modules_to_save"), "modules_to_save"))))
     feedforward = "feedforward_modules" in selectors(method)
@@ -126,6 +154,18 @@ def _rules(config: dict, method: str) -> tuple[Rule, ...]:
     if get("trainable_token_indices") is not None:
         rules += _tokens(get("trainable_token_indices"))
     return tuple(rules)
+
+
+def _pattern(value, field: str) -> dict:
+    """rank_pattern / alpha_pattern: {str: positive int} / {str: positive number}."""
+    if not isinstance(value, dict):
+        raise ConversionError(f"`{field}` must be an object of {{pattern: value}}, not {value!r}")
+    for key, v in value.items():
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        if not number or (field == "rank_pattern" and not isinstance(v, int)):
+            what = "a positive integer" if field == "rank_pattern" else "a positive number"
+            raise ConversionError(f"`{field}` [{key!r}] must be {what}, not {v!r}")
+    return value
 
 
 def _targets(targets, layers, pattern) -> list[Target]:
@@ -174,7 +214,12 @@ def _layers(layers, pattern) -> Layers | None:
     indices = [layers] if isinstance(layers, int) else list(layers)
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
         raise ConversionError(f"`layers_to_transform` must be an int or a list of ints, not {layers!r}")
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern or ())
+    patterns = [pattern] if isinstance(pattern, str) else pattern or []
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ConversionError(f"`layers_pattern` must be a string or a list of strings, not {pattern!r}")
+    if bad := [p for p in patterns if p and not STACK_NAME.fullmatch(p)]:
+        raise ConversionError(f"`layers_pattern` {bad[0]!r} is not a plain name of the block stack "
+                              "(such as \"layers\" or \"h\")")
     return Layers(_compress(sorted(set(indices))), tuple(p for p in patterns if p))
 
 
@@ -210,6 +255,7 @@ def _tokens(value) -> list[Tokens]:
 
 
 def _ints(value) -> list[int]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(i, int) for i in value):
-        raise ConversionError(f"`trainable_token_indices` must hold lists of ints, not {value!r}")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                        and i >= 0 for i in value):
+        raise ConversionError(f"`trainable_token_indices` must hold lists of token ids (ints >= 0), not {value!r}")
     return list(value)

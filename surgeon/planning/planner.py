@@ -17,13 +17,14 @@ layers[...]` (PEFT's `key in target_modules` skips the layer check).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import cached_property
 from typing import Any
 
 from torch import nn
 
 from surgeon import methods
+from surgeon.integrations.peft_layers import peft_adapter_refusal
 from surgeon.lang.spec import (
     NO_SPAN,
     Adapter,
@@ -36,15 +37,16 @@ from surgeon.lang.spec import (
     Spec,
     Target,
     Tokens,
-    to_python,
 )
 from surgeon.layer_kinds import input_embedding, kind_of
+from surgeon.planning.plans import AdapterPlan, Plan, Unmatched
 from surgeon.planning.select import (
     PlanError,
     Resolver,
     closest,
     closest_paths,
     describe,
+    never_runs,
     unsupported,
 )
 from surgeon.planning.site import Site
@@ -56,84 +58,6 @@ __all__ = ["AdapterPlan", "Plan", "PlanError", "Unmatched", "plan"]
 # and is expected in the checkpoint. The names match like any modules_to_save name.
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
               "QUESTION_ANS": ("qa_outputs",)}
-
-
-@dataclass(frozen=True, slots=True)
-class Unmatched:
-    """A rule (or one selector of a target rule) that selected nothing: a warning, not an error."""
-
-    adapter: str
-    rule: str  # "target", "exclude", "rank", "alpha" or "save"
-    text: str  # the rule as written (for one selector of a target rule: that selector)
-    location: str  # "file:line:col", "" for a spec built in Python
-
-    def to_json(self) -> dict[str, str]:
-        return {"adapter": self.adapter, "rule": self.rule, "text": self.text, "location": self.location}
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterPlan:
-    """What one adapter does to this model besides its sites."""
-
-    adapter: Adapter  # the spec's adapter, plus a `save` rule for the task heads PEFT adds
-    sites: tuple[Site, ...]  # its sites, in model order
-    save: tuple[str, ...]  # module paths trained and saved whole (PEFT modules_to_save)
-    tokens: tuple[tuple[str, tuple[int, ...]], ...]  # (embedding path, trainable token rows)
-    params: int  # trainable parameters: sites + saved copies + token rows + trainable biases
-    heads: tuple[str, ...] = ()  # paths in `save` that task_type saves (PEFT's task models add them)
-
-    @property
-    def name(self) -> str:
-        return self.adapter.name
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name, "method": self.adapter.method,
-            "options": {o.name: to_python(o.value) for o in self.adapter.options},
-            "save": list(self.save), "task_heads": list(self.heads),
-            "tokens": {p: list(ix) for p, ix in self.tokens},
-            "sites": len(self.sites), "params": self.params,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """Every site of every adapter, with resolved hyperparameters and provenance."""
-
-    sites: tuple[Site, ...]  # one per adapter per module, adapters in spec order
-    adapters: tuple[AdapterPlan, ...]  # per-adapter facts, in spec order
-    unmatched: tuple[Unmatched, ...]  # rules that selected nothing (warnings)
-    trainable_params: int  # parameters training will update, all adapters together
-    model_params: int  # parameters of the model as given
-
-    @property
-    def trainable_percent(self) -> float:
-        return 100.0 * self.trainable_params / self.model_params if self.model_params else 0.0
-
-    def adapter(self, name: str) -> AdapterPlan:
-        for a in self.adapters:
-            if a.name == name:
-                return a
-        raise KeyError(name)
-
-    def paths(self, adapter: str | None = None) -> tuple[str, ...]:
-        """Module paths with a site (of `adapter`, or of any adapter), in plan order, unique."""
-        found = (s.path for s in self.sites if adapter is None or s.adapter == adapter)
-        return tuple(dict.fromkeys(found))
-
-    def __str__(self) -> str:
-        from surgeon.planning.render import render_plan
-
-        return render_plan(self)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "sites": [s.to_json() for s in self.sites],
-            "adapters": [a.to_json() for a in self.adapters],
-            "unmatched": [u.to_json() for u in self.unmatched],
-            "trainable_params": self.trainable_params, "model_params": self.model_params,
-            "trainable_percent": self.trainable_percent,
-        }
 
 
 def plan(spec: Spec | str | os.PathLike, model: nn.Module, *, example_inputs=None) -> Plan:
@@ -156,7 +80,9 @@ def plan(spec: Spec | str | os.PathLike, model: nn.Module, *, example_inputs=Non
         from surgeon.lang.parser import load_spec
 
         spec = load_spec(spec)
-    resolver = Resolver(model, example_inputs=example_inputs)
+    if (refusal := peft_adapter_refusal(model)) is not None:
+        raise PlanError(refusal)
+    resolver = Resolver(model, example_inputs=example_inputs, source=spec.source)
     planner = _Planner(resolver, spec.source)
     adapters = tuple(planner.adapter(a) for a in spec.adapters)
     return Plan(
@@ -192,10 +118,14 @@ class _Planner:
             raise self.error(
                 f"method `{adapter.method}` is parsed and converted but not yet applied; "
                 f"supported: {applied}", adapter)
-        for name in methods.config_of(adapter.method).unplanned:
-            if adapter.option(name):
-                raise self.error(f"adapter `{adapter.name}`: `{name}` is converted but not planned "
-                                 "or applied yet", next(o for o in adapter.options if o.name == name))
+        config = methods.config_of(adapter.method)
+        for name in config.unplanned + config.unimplemented:
+            if adapter.option(name):  # set (PEFT's defaults are false, null or empty)
+                what = ("is converted but not planned or applied yet" if name in config.unplanned else
+                        f"selects a PEFT variant of {adapter.method} that surgeon does not implement "
+                        f"(it would build plain {adapter.method}, with other outputs)")
+                raise self.error(f"adapter `{adapter.name}`: `{name}` {what}",
+                                 next(o for o in adapter.options if o.name == name))
         task_type = adapter.option("task_type")
         chosen = self.targets(adapter, task_type)
         removed = set().union(*(self.select(adapter, r, "exclude", task_type)
@@ -218,7 +148,19 @@ class _Planner:
             raise self.error(f"`{sorted(conflict)[0]}` is both saved whole and token-trained; "
                              "choose `save` or `tokens`", adapter)
         params = sum(s.params for s in sites) + self.extra_params(adapter, sites, save, tokens)
+        self.check_size(adapter, params)
         return AdapterPlan(_with_heads(adapter, heads), sites, save, tokens, params, head_paths)
+
+    def check_size(self, adapter: Adapter, params: int) -> None:
+        """Refuse, before anything is allocated, an adapter larger than this machine's memory
+        (a typo like r=1000000000 would otherwise allocate until killed, or crash in C++)."""
+        need, have = params * 4, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # fp32
+        if need > have:
+            rank = methods.config_of(adapter.method).rank_field
+            at = next((o for o in adapter.options if o.name == rank), adapter)
+            raise self.error(f"adapter `{adapter.name}` needs {params:,} trainable parameters "
+                             f"({need / 2**30:,.1f} GiB in float32), more than this machine's "
+                             f"{have / 2**30:,.1f} GiB of memory", at, hint="is the rank a typo?")
 
     def targets(self, adapter: Adapter, task_type) -> dict[str, Target | None]:
         """Targeted path -> the first rule selecting it (None: default placement), model order."""
@@ -299,13 +241,17 @@ class _Planner:
         base = {n: adapter.option(n) for n in config.site_options}
         default = "default(" + ", ".join(map(describe, _default_selection(adapter.method).include)) + ")"
         where = {id(r): _location(r) for r in adapter.rules_of(Target)}
+        flags = self.flags(adapter, config, kept, task_type)
         out = []
         for path, rule in kept.items():
             module = self.resolver.modules[path]
             kind = kind_of(module)
             if kind is None:
                 raise unsupported(path, module, rule.span if rule else adapter.span, self.source)
-            options = config.site_options_for(kind, dict(base))
+            if dead := never_runs(self.resolver.model, path):  # warns of fast paths too
+                raise self.error(f"`{path}` {dead[0]}", rule or adapter, hint=dead[1])
+            options = config.site_options_for(
+                kind, {**base, **{name: path in paths for name, paths in flags.items()}})
             if problem := config.site_problem(kind, options):
                 raise self.error(f"`{path}` {problem}", adapter)
             r, alpha = ranks.get(path, r0), alphas.get(path, alpha0)
@@ -316,6 +262,22 @@ class _Planner:
             )
             out.append(replace(site, params=runtime.num_params(module, site)))
         return tuple(out)
+
+    def flags(self, adapter: Adapter, config, kept, task_type) -> dict[str, set[str]]:
+        """Site option -> the kept paths its flag rules select (`MethodConfig.flag_rules`, such
+        as IA3's `feedforward`; the classic placement brings its default roles); a rule
+        selecting no kept path is recorded as unmatched."""
+        out: dict[str, set[str]] = {}
+        for kind, option, roles in config.flag_rules:
+            classic = roles and not adapter.rules_of(Target)
+            out[option] = set(self.resolver.select(Selection(tuple(map(RoleRef, roles))))) & \
+                set(kept) if classic else set()
+            for rule in (r for r in adapter.rules if type(r).__name__.lower() == kind):
+                hits = set(self.resolver.select(rule.selection, task_type=task_type)) & set(kept)
+                if not hits:
+                    self.note(adapter, rule, kind)
+                out[option] |= hits
+        return out
 
     def patterns(self, adapter: Adapter, kind: type, name: str, kept, task_type) -> dict[str, Any]:
         """Per-path value of `rank`/`alpha` rules: most specific (fewest sites) wins, then later."""
@@ -377,8 +339,12 @@ class _Planner:
                 raise self.error(f"`tokens {name}`: no module of the model ends with `{name}`", rule,
                                  hint=_did_you_mean(closest_paths(name, self.resolver)))
             for p in hits:
-                if kind_of(self.resolver.model.get_submodule(p)) != "Embedding":
+                module = self.resolver.model.get_submodule(p)
+                if kind_of(module) != "Embedding":
                     raise self.error(f"`tokens` needs an Embedding, `{p}` is not one", rule)
+                if bad := [i for i in rule.indices if not -module.num_embeddings <= i < module.num_embeddings]:
+                    raise self.error(f"token index {bad[0]} is outside `{p}`'s vocabulary of "
+                                     f"{module.num_embeddings:,} rows", rule)
                 out.append((p, tuple(rule.indices)))
         return tuple(out)
 

@@ -9,7 +9,8 @@ _COLUMNS = ("path", "kind", "adapter", "method", "r", "alpha", "params", "rule")
 def render_plan(plan) -> str:
     """A fixed-width table of the sites, then saved modules, token rows, warnings and totals."""
     rows = [_COLUMNS] + [
-        (s.path, s.kind, s.adapter, s.method, str(s.r), f"{s.alpha:g}", f"{s.params:,}", s.rule or "-")
+        (s.path, s.kind, s.adapter, s.method, str(s.r) if s.r else "-", f"{s.alpha:g}" if s.r else "-",
+         f"{s.params:,}", s.rule or "-")
         for s in plan.sites
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]

@@ -4,7 +4,7 @@ Which modules a `Selection` names, as a set of dotted paths from `model.named_mo
 key list, so a submodule reused under two parents is seen once, under its first path).
 
     Name       path == name or path ends with "." + name      (PEFT list target_modules)
-    Regex      re.fullmatch(pattern, path)                     (PEFT str target_modules)
+    Regex      re.fullmatch(pattern, path), time-bounded          (PEFT str target_modules)
     Glob       fnmatch per dot segment, whole path or a suffix of segments
     ModuleType a class of that name in the module's MRO (isinstance by class name)
     AllLinear  nn.Linear and transformers Conv1D, minus the output head (PEFT's all-linear)
@@ -17,7 +17,7 @@ Name, type and layer selectors read only the module tree, so planning them costs
 from __future__ import annotations
 
 import difflib
-import re
+import warnings
 from fnmatch import fnmatchcase
 from functools import cached_property
 
@@ -26,6 +26,7 @@ from torch import nn
 from surgeon.capture.names import role_matches
 from surgeon.errors import UserError
 from surgeon.lang.diagnostics import Diagnostic, error, render_one
+from surgeon.lang.matching import RegexTooSlow, full_matches
 from surgeon.lang.spec import (
     NO_SPAN,
     AllLinear,
@@ -110,15 +111,40 @@ def unsupported(path: str, module: nn.Module, span: Span | None = None, source: 
     )
 
 
+def never_runs(model: nn.Module, path: str) -> tuple[str, str] | None:
+    """(why, hint) when an adapter at `path` could never run: its parent reads the module's
+    weight directly instead of calling it (a MultiheadAttention's out_proj; PEFT adapts it and
+    silently ignores it, as its own MultiheadAttention docstring warns). Warns when a fast path
+    may skip it: nn.TransformerEncoderLayer's inference path (eval mode, batch_first, frozen
+    weights or no grad) hands `linear1/2.weight` to one fused kernel, in PEFT too; whether it
+    runs is decided per call, so a warning rather than a refusal."""
+    parent, _, name = path.rpartition(".")
+    owner = model.get_submodule(parent)
+    if name == "out_proj" and isinstance(owner, nn.MultiheadAttention):
+        why = ("is the out_proj of a MultiheadAttention, which reads `out_proj.weight` directly "
+               "and never calls the module: an adapter there would never run")
+        hint = (f"exclude it (`except {name}` or `exclude {path}`); PEFT adapts a "
+                "MultiheadAttention's in_proj and out_proj only by targeting the attention itself")
+        return why, hint
+    if name in ("linear1", "linear2") and isinstance(owner, nn.TransformerEncoderLayer):
+        warnings.warn(
+            f"`{path}` is inside a TransformerEncoderLayer whose inference fast path (eval mode, "
+            "batch_first, frozen weights or no grad) reads its weight directly: the adapter is "
+            "skipped there, as in PEFT. Call `torch.backends.mha.set_fastpath_enabled(False)` "
+            "to apply it in eval mode.", UserWarning, stacklevel=5)
+    return None
+
+
 # --------------------------------------------------------------------------- resolver
 
 
 class Resolver:
     """One model's module tree, with the derived views selectors need, built on first use."""
 
-    def __init__(self, model: nn.Module, *, example_inputs=None):
+    def __init__(self, model: nn.Module, *, example_inputs=None, source: str = ""):
         self.model = model
         self.example_inputs = example_inputs
+        self.source = source  # the spec's text, for located errors
         self.modules: dict[str, nn.Module] = dict(model.named_modules())
         self.modules.pop("", None)  # the root is never a target (PEFT skips the empty key)
         self.paths: tuple[str, ...] = tuple(self.modules)
@@ -160,7 +186,30 @@ class Resolver:
             chosen &= self.in_layers(selection.layers)
         for atom in selection.exclude:
             chosen -= self.atom(atom, task_type=task_type)
+        self._refuse_uncertain(selection)
         return tuple(p for p in self.paths if p in chosen)
+
+    def _refuse_uncertain(self, selection: Selection) -> None:
+        """Never guess: a role selector fails when a layer in its scope has an uncertain role
+        (read from an incomplete graph), unless `within`/`layers`/`except` leave it out."""
+        refs = [a for a in selection.include if isinstance(a, RoleRef)]
+        if not refs:
+            return
+        doubt = {p for p, r in self.roles.items() if getattr(r, "uncertain", "")}
+        if selection.within is not None:
+            doubt &= self.subtree(selection.within)
+        if selection.layers is not None:
+            doubt &= self.in_layers(selection.layers)
+        for atom in selection.exclude:
+            doubt -= self.atom(atom)
+        if doubt:
+            first = next(p for p in self.paths if p in doubt)
+            raise PlanError(
+                f"`{describe(refs[0])}` cannot be resolved with certainty: {len(doubt)} layer(s) in "
+                f"its scope have uncertain roles, e.g. `{first}`: {self.roles[first].uncertain}",
+                refs[0].span, source=self.source,
+                hint="pass inputs that reach them (`--input`, `example_inputs=`), leave them out "
+                     "with `within`/`except`, or select by name or type")
 
     def subtree(self, root: str) -> frozenset[str]:
         prefix = root + "."
@@ -181,8 +230,11 @@ class Resolver:
             name, suffix = atom.pattern, "." + atom.pattern
             return frozenset(p for p in self.paths if p == name or p.endswith(suffix))
         if isinstance(atom, Regex):
-            regex = re.compile(atom.pattern)
-            return frozenset(p for p in self.paths if regex.fullmatch(p))
+            try:
+                return frozenset(full_matches(atom.pattern, self.paths))
+            except RegexTooSlow as slow:  # located at the selector (a PEFT config's has no span)
+                raise PlanError(str(slow), atom.span, source=self.source,
+                                hint="a regex runs against every module path") from None
         if isinstance(atom, Glob):
             return frozenset(p for p in self.paths if glob_matches(atom.pattern, p))
         if isinstance(atom, ModuleType):

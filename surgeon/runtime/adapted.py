@@ -34,22 +34,22 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
 from torch import fx, nn
 
-from surgeon.layer_kinds import KINDS
+from surgeon import distributed
+from surgeon.layer_kinds import KINDS, WHOLE_MODULE_KINDS
 from surgeon.methods import runtime_of
 from surgeon.passes.merge import MergePass
 from surgeon.passes.unmerge import UnmergePass
 from surgeon.planning.site import Site
 from surgeon.runtime import fold
 from surgeon.runtime.forwards import Forwards
-from surgeon.runtime.method import MethodRuntime
-from surgeon.runtime.rows import rows_of
+from surgeon.runtime.method import MethodRuntime, shared_containers
 
 # Attributes holding compiled state: rebuilt on demand, never pickled or deep-copied.
 _COMPILED = ("_gm", "_graph", "_run", "_forwards")
@@ -70,14 +70,16 @@ class AdaptedLayer(nn.Module):
 
     held_as: ClassVar[str] = "is adapted by another adapter"
 
-    def __init__(self, base_layer: nn.Module, site: Site) -> None:
+    def __init__(self, base_layer: nn.Module, site: Site,
+                 shared: Mapping[str, nn.Module] | None = None) -> None:
         super().__init__()
         if site.kind not in KINDS:
             raise ValueError(f"Unknown base kind `{site.kind}`; expected one of {KINDS}.")
         self.base_layer = base_layer
         self.method: MethodRuntime = runtime_of(site.method)
+        # `shared`: the model-level containers of the method (one instance for every layer)
         for name, container in self.method.containers:
-            setattr(self, name, container())
+            setattr(self, name, shared[name] if shared and name in shared else container())
         self.kind = site.kind
         self.sites: dict[str, Site] = {}
         self.active: list[str] = [site.adapter]
@@ -133,8 +135,11 @@ class AdaptedLayer(nn.Module):
         return [a for a in self.active if a in self.sites]
 
     def adapter_parameters(self, adapter: str) -> Iterator[nn.Parameter]:
-        """The parameters of `adapter` on this layer."""
+        """The parameters of `adapter` on this layer (shared containers hold none: buffers)."""
+        shared = shared_containers(self.method)
         for name, _ in self.method.containers:
+            if name in shared:
+                continue
             table = self._modules[name]
             if adapter in table:
                 item = table[adapter]
@@ -246,14 +251,20 @@ class AdaptedLayer(nn.Module):
         names = self.active if adapter_names is None else list(adapter_names)
         if self.merged_adapters and all(a in self.merged_adapters for a in names):
             warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
-        self._change_state(lambda: fold.merge_weights(self, names, safe_merge), MergePass())
+        if self.kind in WHOLE_MODULE_KINDS:  # no `.weight`: the method folds the module
+            write = lambda: self.method.merge_module(self, names, safe_merge)  # noqa: E731
+        else:
+            write = lambda: fold.merge_weights(self, names, safe_merge)  # noqa: E731
+        self._change_state(write, MergePass())
 
     def unmerge(self) -> None:
         """Take every merged adapter out of the base weight (newest first)."""
         if not self.merged_adapters:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        self._change_state(lambda: fold.unmerge_weights(self), UnmergePass())
+        whole = self.kind in WHOLE_MODULE_KINDS
+        self._change_state(lambda: self.method.unmerge_module(self) if whole
+                           else fold.unmerge_weights(self), UnmergePass())
 
     def unload(self, merge: bool = False, safe_merge: bool = False,
                adapter_names: Sequence[str] | None = None) -> nn.Module:
@@ -263,7 +274,15 @@ class AdaptedLayer(nn.Module):
         return self.base_layer
 
     # ------------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None,
+                **kwargs: Any) -> Any:
+        if self.kind in WHOLE_MODULE_KINDS:  # called with all its arguments (an MHA's key, masks...)
+            if adapter_names is not None:
+                kwargs["adapter_names"] = adapter_names
+            return self.method.forward_module(self, x, *args, **kwargs)
+        if args or kwargs:
+            raise TypeError(f"A {self.kind} layer takes one input; got {len(args)} more "
+                            f"positional and {sorted(kwargs)} keyword arguments.")
         if adapter_names is None:
             adapter_names = self.adapter_names
             if adapter_names is None:
@@ -281,14 +300,18 @@ class AdaptedLayer(nn.Module):
                              "call `unmerge_adapter` first.")
         wanted = set(names)
         present = tuple(a for a in self.sites if a in wanted)
-        for adapter in present:
-            self.method.check_mixed(self, adapter)
+        run = self._forwards.mixed.get((self.training, present))
+        if run is None:  # checked once per adapter set: what it checks is fixed at add_adapter
+            for adapter in present:
+                self.method.check_mixed(self, adapter)
         if self._disabled:
             return self._run(self, x)
-        run = self._forwards.mixed.get((self.training, present))
+        if distributed.is_dtensor(x):  # tensor parallelism; FSDP2 and DDP pass plain tensors
+            raise distributed.DistributedError("`adapter_names=` needs plain tensor inputs; this "
+                                               f"layer (`{self.path}`) got a DTensor")
         if run is None:
             run = self._forwards.mixed_run(self, self.training, present)
-        return run(self, x, *(rows_of(names, a, x.device) for a in present))
+        return run(self, x, names)
 
     # ------------------------------------------------------------------------------ lowering
     def relower(self) -> None:

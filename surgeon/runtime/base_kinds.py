@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from surgeon.layer_kinds import CONV_KINDS, kind_class
+from surgeon.layer_kinds import CONV_KINDS, WHOLE_MODULE_KINDS, kind_class
 
 if TYPE_CHECKING:
     from surgeon.runtime.graph import Builder
@@ -38,7 +38,15 @@ def in_out_features(base: nn.Module, kind: str) -> tuple[int, int]:
         return base.in_channels, base.out_channels
     if kind == "Embedding":
         return base.num_embeddings, base.embedding_dim
+    if kind == "MultiheadAttention":  # its in_proj: q, k and v stacked
+        return base.embed_dim, 3 * base.embed_dim
     raise ValueError(f"Unknown base kind `{kind}`.")
+
+
+def main_weight(base: nn.Module, kind: str) -> torch.Tensor:
+    """The weight adapters follow for device and dtype: `weight`, a MultiheadAttention's
+    `in_proj_weight` (it has no `weight`)."""
+    return base.in_proj_weight if kind == "MultiheadAttention" else base.weight
 
 
 def to_out_major(weight: torch.Tensor, kind: str) -> torch.Tensor:
@@ -64,7 +72,7 @@ def conv_fn(kind: str):
 
 def can_inline(base: nn.Module, kind: str) -> bool:
     """Whether calling the functional op is exactly what `base(x)` would do."""
-    if type(base) is not kind_class(kind):
+    if kind in WHOLE_MODULE_KINDS or type(base) is not kind_class(kind):
         return False
     hooks = (base._forward_hooks, base._forward_pre_hooks, base._backward_hooks,
              base._backward_pre_hooks)

@@ -6,7 +6,9 @@ state). The delta math is the method's (`MethodRuntime.fold` / `unfold` / `bias_
 out-major view of the weight (`surgeon.runtime.base_kinds`), so it is written once per method.
 
 Preconditions: the base weight is a plain floating-point Parameter (not quantised), and a
-convolution has `groups == 1` (as PEFT).
+convolution has `groups == 1` (as PEFT's LoRA) unless the method says it merges grouped ones
+(`merges_grouped_conv`, IA3). A method whose merge scales the bias instead of adding to it
+(IA3) implements `fold_bias` / `unfold_bias`; others give `bias_delta`.
 
 Postconditions of `merge_weights`: for each adapter not merged yet, in the given order, the
 base weight (and bias, with `lora_bias`) holds the adapter's delta, computed and accumulated in
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from surgeon import distributed
 from surgeon.runtime.base_kinds import CONV_KINDS, from_out_major, to_out_major
 
 if TYPE_CHECKING:
@@ -53,9 +56,12 @@ def accumulation_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def check_mergeable(layer: MethodLayer) -> None:
     base = layer.base_layer
-    if layer.kind in CONV_KINDS and base.groups > 1:
+    grouped_ok = getattr(layer.method, "merges_grouped_conv", False)  # optional, see method.py
+    if layer.kind in CONV_KINDS and base.groups > 1 and not grouped_ok:
         raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
-    if type(base.weight) is not torch.nn.Parameter or not base.weight.dtype.is_floating_point:
+    # a DTensor (FSDP2's shard) folds through DTensor ops: each rank writes exactly its rows
+    plain = type(base.weight) is torch.nn.Parameter or distributed.is_dtensor(base.weight)
+    if not plain or not base.weight.dtype.is_floating_point:
         raise NotImplementedError(
             f"Cannot merge into a base weight of type {type(base.weight).__name__} and dtype "
             f"{base.weight.dtype}: only plain floating-point weights are supported.")
@@ -73,23 +79,17 @@ def fold_adapter(layer: MethodLayer, adapter: str, safe_merge: bool) -> None:
     check_mergeable(layer)
     base, kind = layer.base_layer, layer.kind
     weight = base.weight
-    current = to_out_major(weight.detach(), kind).to(accumulation_dtype(weight))
+    operand = distributed.fold_operand(weight.detach(), layer.adapter_parameters(adapter))
+    current = to_out_major(operand, kind).to(accumulation_dtype(weight))
     merged = layer.method.fold(layer, adapter, current, unmerged_weight(layer, current))
     new_weight = from_out_major(merged, kind, weight.shape).to(weight.dtype)
-    new_bias = None
-    bias_delta = layer.method.bias_delta(layer, adapter)
-    if bias_delta is not None:
-        if base.bias is None:
-            raise RuntimeError(
-                "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
-        acc = accumulation_dtype(base.bias)
-        new_bias = (base.bias.detach().to(acc) + bias_delta.to(acc)).to(base.bias.dtype)
+    new_bias = _new_bias(layer, adapter, 1)
     if safe_merge and not (torch.isfinite(new_weight).all() and
                            (new_bias is None or torch.isfinite(new_bias).all())):
         raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be "
                          "broken")
     with torch.no_grad():
-        weight.copy_(new_weight)
+        weight.copy_(distributed.place(weight, new_weight))  # a shard: this rank's rows
         if new_bias is not None:
             base.bias.copy_(new_bias)
     layer.merged_adapters.append(adapter)
@@ -99,11 +99,32 @@ def unfold_adapter(layer: MethodLayer, adapter: str) -> None:
     """Subtract `adapter` (the newest merged one) from the base weight and bias."""
     base, kind = layer.base_layer, layer.kind
     weight = base.weight
-    current = to_out_major(weight.detach(), kind).to(accumulation_dtype(weight))
+    operand = distributed.fold_operand(weight.detach(), layer.adapter_parameters(adapter))
+    current = to_out_major(operand, kind).to(accumulation_dtype(weight))
     restored = layer.method.unfold(layer, adapter, current)
-    bias_delta = layer.method.bias_delta(layer, adapter)
+    new_bias = _new_bias(layer, adapter, -1)
     with torch.no_grad():
-        weight.copy_(from_out_major(restored, kind, weight.shape).to(weight.dtype))
-        if bias_delta is not None:
-            acc = accumulation_dtype(base.bias)
-            base.bias.copy_((base.bias.detach().to(acc) - bias_delta.to(acc)).to(base.bias.dtype))
+        weight.copy_(distributed.place(weight, from_out_major(restored, kind, weight.shape).to(weight.dtype)))
+        if new_bias is not None:
+            base.bias.copy_(new_bias)
+
+
+def _new_bias(layer: MethodLayer, adapter: str, sign: int) -> torch.Tensor | None:
+    """The base bias with `adapter` merged (`sign` 1) or taken out (-1), None if unchanged:
+    the method's `fold_bias` / `unfold_bias` when it has them (optional hooks, method.py),
+    else the bias plus or minus its `bias_delta`, in at least fp32, cast to the bias dtype."""
+    base = layer.base_layer
+    hook = getattr(layer.method, "fold_bias" if sign > 0 else "unfold_bias", None)
+    if hook is not None:
+        if base.bias is None:
+            return None
+        new = hook(layer, adapter, base.bias.detach().to(accumulation_dtype(base.bias)))
+        return None if new is None else new.to(base.bias.dtype)
+    delta = layer.method.bias_delta(layer, adapter)
+    if delta is None:
+        return None
+    if base.bias is None:
+        raise RuntimeError(
+            "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+    acc = accumulation_dtype(base.bias)
+    return (base.bias.detach().to(acc) + sign * delta.to(acc)).to(base.bias.dtype)

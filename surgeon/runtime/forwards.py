@@ -14,7 +14,7 @@ previous state's graph.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,9 @@ from torch import fx
 
 from surgeon.passes.insert_adapters import lower_graph
 from surgeon.passes.pipeline import GraphHolder, Pass, run_passes
+from surgeon.runtime import gathered
 from surgeon.runtime.graph import compile_forward, copy_graph
+from surgeon.runtime.rows import rows_of
 
 if TYPE_CHECKING:
     from surgeon.runtime.method import MethodLayer
@@ -73,10 +75,22 @@ class Forwards:
 
     def mixed_run(self, layer: MethodLayer, training: bool,
                   adapters: tuple[str, ...]) -> Callable[..., torch.Tensor]:
-        """The forward of a mixed-adapter batch whose rows use `adapters` (one `rows_<a>`
-        input each, see `surgeon.runtime.rows.rows_of`)."""
+        """The forward `run(layer, x, names)` of a mixed-adapter batch whose rows use `adapters`:
+        one gather-matmul when the method allows (`surgeon.runtime.gathered`), else a branch
+        per adapter reading its `rows_<a>` input (`surgeon.runtime.rows.rows_of`)."""
         run = self.mixed.get((training, adapters))
         if run is None:
-            graph = lower_graph(layer, adapters, mixed=True)
-            run = self.mixed[(training, adapters)] = compile_forward(graph, layer)
+            if gathered.supports(layer, adapters):
+                graph = lower_graph(layer, adapters, mixed=True, gathered=True)
+                run = gathered.GatheredRun(compile_forward(graph, layer), adapters)
+            else:
+                run = _looped(compile_forward(lower_graph(layer, adapters, mixed=True), layer),
+                              adapters)
+            self.mixed[(training, adapters)] = run
         return run
+
+
+def _looped(fn: Callable[..., torch.Tensor], adapters: tuple[str, ...]) -> Callable[..., torch.Tensor]:
+    def run(layer: MethodLayer, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        return fn(layer, x, *(rows_of(names, a, x.device) for a in adapters))
+    return run

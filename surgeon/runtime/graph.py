@@ -5,8 +5,16 @@ Every node a pass inserts carries `node.meta["surgeon"] = {"rule", "pass", "adap
 base call), `pass` the pass that inserted the node, `adapter` the adapter it belongs to (None
 for the base call), and `role` one of: "input" (the `x` placeholder), "base" / "base_out" (the
 base call, its last node), "branch", "rows" (a mixed-batch placeholder), "result" (the last
-node of a branch, always `add`-like with the previous result as `args[0]`) or "epilogue" (a
-final cast back to the base output dtype).
+node of a branch's output part: a function of the previous result; `prev + delta` for LoRA,
+`prev * scale` for IA3), "input_result" (the last node of a branch's input part: a function of
+the previous input, which the base call then reads instead; IA3's feed-forward scaling) or
+"epilogue" (a final cast back to the base output dtype).
+
+A branch is the nodes of one adapter: an input part before the base call, an output part after
+it, or both. Each part's *spine* is its `args[0]` chain: followed back from the part's end
+through the adapter's own nodes, it reaches what the part transforms (`spine_source`). Removing a
+branch is the same for every method: route each part end's users to its source, then erase
+the adapter's nodes.
 
 `compile_forward` turns the graph into the function the layer runs. It is the fx code with one
 rewrite: `self.lora_A.default.weight` becomes `self._modules['lora_A']._modules['default']
@@ -94,8 +102,11 @@ class Builder:
         return node
 
     def attr(self, target: str) -> fx.Node:
-        """A `get_attr` of `target`, shared with the base or this adapter's nodes when present."""
+        """A `get_attr` of `target`, shared with the base or this adapter's nodes when present
+        before the insertion point (a node defined later could not be read here)."""
         for node in self.graph.nodes:
+            if node is self.anchor:
+                break
             if node.op == "get_attr" and node.target == target and \
                     tag(node).get("adapter") in (None, self.tag["adapter"]):
                 return node
@@ -111,19 +122,51 @@ class Builder:
         return self._new("call_module", target, args)
 
     def result(self, prev: fx.Node, delta: fx.Node, alpha: float = 1.0) -> fx.Node:
-        """The branch's result node: `prev + alpha * delta`, `prev` first (see module docstring)."""
-        return self._new("call_function", torch.add, (prev, self._scaled(delta, alpha)), {},
-                         role="result")
+        """The branch's result node: `prev + alpha * delta`, `prev` first (see module docstring);
+        one `add(prev, delta, alpha)` node when `alpha != 1` (one kernel, not a mul and an add)."""
+        if alpha == 1.0:
+            return self._new("call_function", torch.add, (prev, delta), {}, role="result")
+        return self._new("call_function", add, (prev, delta, alpha), {}, role="result")
 
     def index_result(self, prev: fx.Node, rows: fx.Node, delta: fx.Node, alpha: float) -> fx.Node:
         """Mixed-batch result: `prev` with `alpha * delta` added at `rows`."""
         return self._new("call_function", torch.index_add, (prev, 0, rows, self._scaled(delta, alpha)),
                          {}, role="result")
 
+    def as_result(self, node: fx.Node) -> fx.Node:
+        """Make `node` the branch's result: an output transform other than `prev + delta`
+        (`prev * s`), whose spine (`args[0]` chain, see the module docstring) reaches `prev`."""
+        node.meta[META]["role"] = "result"
+        return node
+
+    def before_base(self) -> Builder:
+        """A Builder for the branch's input part: it emits before the base call, and its `x`
+        is the input the base call reads now (the layer input, or an earlier input part's)."""
+        first = next(n for n in self.graph.nodes if tag(n).get("role") in ("base", "base_out"))
+        return Builder(self.graph, self.layer, _last_input(self.graph), first, self.tag, self.role)
+
+    def input_result(self, node: fx.Node) -> fx.Node:
+        """Make `node` (whose spine reaches this Builder's `x`) the input the base call reads:
+        the end of the branch's input part. Use on a `before_base()` Builder."""
+        node.meta[META]["role"] = "input_result"
+        for user in list(self.x.users):
+            if tag(user).get("role") in ("base", "base_out"):
+                user.replace_input_with(self.x, node)
+        return node
+
     def _scaled(self, delta: fx.Node, alpha: float) -> fx.Node:
         # A separate multiply, not `torch.add(..., alpha=)`: torch 2.13's inductor (CPU) drops
         # the alpha of an add fused with a matmul and computes wrong results.
         return delta if alpha == 1.0 else self.call(operator.mul, delta, alpha)
+
+
+def add(prev: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
+    """`prev + alpha * delta` as one `torch.add(..., alpha=)` kernel in eager mode (the decode
+    hot path: one op fewer per adapter). Under torch.compile a separate multiply: torch 2.13's
+    inductor (CPU) drops the alpha of an add fused with a matmul on 2-D inputs (wrong results)."""
+    if torch.compiler.is_compiling():
+        return torch.add(prev, delta * alpha)
+    return torch.add(prev, delta, alpha=alpha)
 
 
 def _format_target(base: str, target: str) -> str:
@@ -250,6 +293,30 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
         if META in node.meta:
             node.meta[META] = dict(node.meta[META])
     return new
+
+
+# The roles of nodes the base call may read as its input.
+INPUTS = ("input", "input_result")
+
+
+def _last_input(graph: fx.Graph) -> fx.Node:
+    return [n for n in graph.nodes if tag(n).get("role") in INPUTS][-1]
+
+
+def spine_source(end: fx.Node) -> fx.Node:
+    """What a branch part ending at `end` transforms: its `args[0]` chain followed back to
+    the first node that is not the same adapter's (`prev`, or the input the part replaces)."""
+    adapter, node = tag(end).get("adapter"), end
+    while tag(node).get("adapter") == adapter and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def branch_adapters(graph: fx.Graph) -> list[str]:
+    """The adapters with a branch in `graph` (an input part, an output part or both), in graph
+    order: input parts (before the base call) first, each part kind in insertion order."""
+    ends = (n for n in graph.nodes if tag(n).get("role") in ("result", "input_result"))
+    return list(dict.fromkeys(tag(n)["adapter"] for n in ends))
 
 
 def result_nodes(graph: fx.Graph) -> dict[str, fx.Node]:

@@ -54,8 +54,12 @@ class MethodRuntime(Protocol):
     def emit(self, b: Builder, adapter: str, prev: fx.Node, rows: fx.Node | None) -> fx.Node:
         """Emit `adapter`'s branch after result `prev`; return its result node.
 
-        `rows` is None for a whole-batch forward, else the node holding the batch rows that
-        use this adapter (mixed-adapter batch).
+        The output part ends in a result node whose spine (`args[0]` chain) reaches `prev`:
+        `b.result(prev, delta)` for `prev + delta`, or `b.as_result(node)` for any other
+        transform (IA3's `prev * scale`). A method that changes the base call's input emits an input part
+        through `b.before_base()` ending in `input_result(node)`; a branch with no output part
+        returns `prev` itself. `rows` is None for a whole-batch forward, else the node holding
+        the batch rows that use this adapter (mixed-adapter batch).
         """
         ...
 
@@ -83,6 +87,27 @@ class MethodRuntime(Protocol):
     def clear_caches(self, layer: LayerView) -> None:
         """Forget values cached from the weights (they may have changed unseen)."""
         ...
+
+
+# Optional parts of a runtime, read with a default by `surgeon.runtime.fold` (added after the
+# protocol's first version, so runtimes written before them keep working):
+#   merges_grouped_conv: bool = False  -- its fold handles convolutions with groups > 1.
+#   fold_bias(layer, adapter, bias) -> Tensor | None     -- the merged base bias (given in at
+#   unfold_bias(layer, adapter, bias) -> Tensor | None      least fp32), for a merge that is
+#                                                          not `bias + bias_delta` (IA3 scales).
+#   shared_containers: tuple[str, ...] = ()  -- containers that are ONE module for the whole
+#       model (VeRA's projections): `transaction.prepare` gives every new layer of the method
+#       the same instance, so each tensor exists once however many layers read it.
+#   init_shared(old, adapter, sites, bases) -> dict[str, nn.Module]  -- called once per adapter
+#       before its layers are built, with the model's current shared containers (`old`, empty
+#       for the first adapter), the adapter's sites and their base modules; returns NEW
+#       containers holding the adapter's shared tensors as well (the model's are swapped for
+#       them at commit, undoably, so prepare stays read-only).
+
+
+def shared_containers(method: MethodRuntime) -> tuple[str, ...]:
+    """The method's model-level containers (optional part `shared_containers`, default none)."""
+    return getattr(method, "shared_containers", ())
 
 
 class MethodLayer(LayerView, Protocol):

@@ -60,9 +60,15 @@ class State:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module itself when `model` is a torch.compile wrapper (dynamo is then imported)."""
+    """The module itself when `model` is a torch.compile or DistributedDataParallel wrapper
+    (each looked up only when its module is already imported)."""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    return model._orig_mod if eval_frame and isinstance(model, eval_frame.OptimizedModule) else model
+    if eval_frame and isinstance(model, eval_frame.OptimizedModule):
+        model = model._orig_mod
+    ddp = sys.modules.get("torch.nn.parallel.distributed")
+    if ddp and isinstance(model, ddp.DistributedDataParallel):
+        model = model.module
+    return model
 
 
 def state_of(model: nn.Module) -> State | None:

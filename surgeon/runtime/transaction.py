@@ -22,7 +22,9 @@ from torch import nn
 from surgeon.lang.spec import Spec
 from surgeon.planning.select import PlanError
 from surgeon.planning.site import Site
+from surgeon.methods import runtime_of
 from surgeon.runtime.adapted import AdaptedLayer
+from surgeon.runtime.method import shared_containers
 from surgeon.runtime.routing import BASE, install_hooks
 from surgeon.runtime.saved import SavedModule
 from surgeon.runtime.state import STATE_ATTR, Installed, State, set_state, state_of
@@ -70,6 +72,8 @@ class Prepared:
     new: dict[str, Wrapper] = dataclasses.field(default_factory=dict)
     # (a wrapper already in the model, adapter, the step that adds the adapter to it)
     added: list[tuple[Wrapper, str, Callable[[], None]]] = dataclasses.field(default_factory=list)
+    # (step, undo) run first at commit: shared containers swapped into existing layers
+    steps: list[tuple[Callable[[], None], Callable[[], None]]] = dataclasses.field(default_factory=list)
 
 
 def rename_adapter(spec: Spec, adapter_name: str | None) -> Spec:
@@ -102,8 +106,9 @@ def prepare(spec: Spec, model: nn.Module, *, example_inputs=None) -> Prepared:
     prepared = Prepared()
     for ap in the_plan.adapters:
         prepared.adapters += (Installed(ap.adapter, ap.sites, ap.save, tokens=ap.tokens),)
+        shared = _prepare_shared(model, ap.name, ap.sites, prepared)
         for site in ap.sites:
-            _prepare_site(model, site, prepared)
+            _prepare_site(model, site, prepared, shared)
         for path in ap.save:
             _prepare_saved(model, path, ap.name, prepared)
         for path, indices in ap.tokens:
@@ -132,7 +137,35 @@ def _add_later(prepared: Prepared, path: str, wrapper: Wrapper, adapter: str,
         prepared.added.append((wrapper, adapter, step))
 
 
-def _prepare_site(model: nn.Module, site: Site, prepared: Prepared) -> None:
+def _prepare_shared(model: nn.Module, adapter: str, sites: tuple[Site, ...],
+                    prepared: Prepared) -> dict[str, nn.Module]:
+    """The method's model-level containers holding `adapter`'s shared tensors too (runtime
+    optional parts `shared_containers` / `init_shared`); {} for a method without any.
+
+    Existing layers get the new containers at commit (undoably); layers this prepare built
+    get them now."""
+    method = runtime_of(sites[0].method) if sites else None
+    names = shared_containers(method) if method is not None else ()
+    if not names:
+        return {}
+    holders = [m for m in (*prepared.new.values(), *model.modules())
+               if isinstance(m, AdaptedLayer) and m.method is method]
+    old = {n: holders[0]._modules[n] for n in names} if holders else {}
+    bases = [_module_at(model, s.path, prepared) for s in sites]
+    bases = [b.base_layer if isinstance(b, AdaptedLayer) else b for b in bases]
+    shared = method.init_shared(old, adapter, sites, bases)
+    for holder in dict.fromkeys(holders):
+        for name, new in shared.items():
+            if any(holder is w for w in prepared.new.values()):
+                setattr(holder, name, new)
+            else:
+                prepared.steps.append((functools.partial(setattr, holder, name, new),
+                                       functools.partial(setattr, holder, name, old[name])))
+    return shared
+
+
+def _prepare_site(model: nn.Module, site: Site, prepared: Prepared,
+                  shared: dict[str, nn.Module] | None = None) -> None:
     module = _module_at(model, site.path, prepared)
     if isinstance(module, AdaptedLayer):
         if site.kind != module.kind or site.method != module.method.name:
@@ -141,7 +174,7 @@ def _prepare_site(model: nn.Module, site: Site, prepared: Prepared) -> None:
         return _add_later(prepared, site.path, module, site.adapter,
                           functools.partial(module.add_adapter, site))
     _refuse_wrapped(module, site.path, "adapted")
-    prepared.new[site.path] = AdaptedLayer(module, site)
+    prepared.new[site.path] = AdaptedLayer(module, site, shared)
 
 
 def _prepare_saved(model: nn.Module, path: str, adapter: str, prepared: Prepared) -> None:
@@ -174,6 +207,8 @@ def commit(model: nn.Module, prepared: Prepared, tx: Transaction, *, trainable: 
     # innermost first, so a wrapper around an adapted layer's parent wraps the adapted tree
     for path, wrapper in sorted(prepared.new.items(), key=lambda item: -item[0].count(".")):
         tx.swap(path, wrapper)
+    for step, undo in prepared.steps:
+        tx.do(step, undo)
     for wrapper, adapter, step in prepared.added:
         tx.do(step, functools.partial(wrapper.delete_adapter, adapter))
     old = state_of(model)

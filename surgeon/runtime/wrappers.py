@@ -119,7 +119,7 @@ def base_view(model: nn.Module) -> nn.Module:
             return module.original_module
         if path not in ancestors:
             return module
-        clone = type(module).__new__(type(module))
+        clone = object.__new__(type(module))  # FSDP2's classes run __init__ in their __new__
         clone.__dict__.update(module.__dict__)
         clone.__dict__["_modules"] = {
             name: view(child, f"{path}.{name}" if path else name) if child is not None else None

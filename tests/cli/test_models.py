@@ -56,3 +56,33 @@ def test_input_shapes():
             InputShape.parse(bad)
     loaded = load_model("py:torch.nn:Identity", inputs=(InputShape.parse("2x4"), InputShape.parse("3:int32")))
     assert [t.shape for t in loaded.example_inputs] == [torch.Size([2, 4]), torch.Size([3])]
+
+
+# Input kinds (issue 13): the synthesized call names the kind, and transformers runs it.
+INPUT_KINDS = {
+    "layoutlm": "bbox",
+    "wav2vec2": "input_values",
+    "audio-spectrogram-transformer": "input_values",
+    "canary_decoder": "encoder_hidden_states",
+    "speech_to_text": "input_features",
+    "qwen2_vl": "input_ids",  # multimodal RoPE sections shrunk with the head size
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(INPUT_KINDS))
+def test_synthesized_inputs_run(model_type: str):
+    from surgeon.capture.synthesize import input_candidates
+
+    model = load_model(f"tiny:{model_type}").model
+    calls = input_candidates(model, "cpu")
+    assert any(INPUT_KINDS[model_type] in dict(c.kwargs) for c in calls)
+    errors = []
+    for call in calls:  # most complete first, as capture tries them
+        args, kwargs = call.split(call.flat())
+        try:
+            with torch.no_grad():
+                model(*args, **kwargs)
+            return
+        except Exception as error:  # noqa: BLE001
+            errors.append(error)
+    raise AssertionError(f"no synthesized call runs: {errors}")

@@ -15,6 +15,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import surgeon.api as S
+from surgeon.planning.select import PlanError
 from surgeon.runtime.adapted import AdaptedLayer
 from surgeon.runtime.state import require_state, state_of
 from tests.core.test_oracle import quiet
@@ -177,9 +178,11 @@ def test_unload_gives_back_the_original_modules(llama):
 
 
 def test_methods_not_lowered_are_refused(llama):
+    from tests.methods.parsed_only import parsed_only_method
+
     snap = snapshot(llama)
-    with pytest.raises(Exception, match="ia3"):
-        S.apply("adapter default = ia3 { target k_proj, down_proj  feedforward down_proj }", llama)
+    with parsed_only_method(), pytest.raises(PlanError, match="parsedonly` is parsed and converted but not yet"):
+        S.apply("adapter default = parsedonly() { target k_proj }", llama)
     assert_same(llama, snap)
 
 

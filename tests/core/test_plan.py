@@ -219,11 +219,12 @@ def test_unsupported_layers_name_the_module_and_the_supported_kinds():
         plan(_adapter(Target(Selection((Name("attn"),)))), model)
 
 
-def test_methods_other_than_lora_are_not_applied_yet():
-    message = "method `ia3` is parsed and converted but not yet applied; supported: lora"
-    with pytest.raises(PlanError, match=message):
-        plan("adapter default = ia3() { target k_proj, v_proj, down_proj  feedforward down_proj }",
-             tiny_models()["llama"])
+def test_methods_without_a_runtime_are_not_applied_yet():
+    from tests.methods.parsed_only import parsed_only_method
+
+    with parsed_only_method(), pytest.raises(
+            PlanError, match="method `parsedonly` is parsed and converted but not yet applied; supported: lora"):
+        plan("adapter default = parsedonly() { target k_proj }", tiny_models()["llama"])
 
 
 def test_options_the_planner_cannot_honour_are_refused():

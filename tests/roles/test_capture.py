@@ -8,7 +8,7 @@ from torch import fx, nn
 
 from surgeon.capture.graph import CaptureError, capture, capture_graph, meta_copy, repeated_blocks
 from surgeon.capture.infer import Role, RolesError, infer_roles
-from surgeon.capture.inputs import synthesize_inputs
+from surgeon.capture.synthesize import synthesize_inputs
 from tests.roles.zoo import build
 
 

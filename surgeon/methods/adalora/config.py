@@ -1,4 +1,5 @@
-"""AdaLoRA as the language and PEFT's AdaLoraConfig (0.21) know it. Torch-free.
+"""AdaLoRA as the language and PEFT's AdaLoraConfig (0.21) know it. Torch-free; the runtime is
+`layer.py`, the rank allocator `allocator.py` and the orthogonality loss `regularizer.py`.
 
 AdaLoRA's config class extends LoraConfig; the LoRA fields it does not use (DoRA, LoftQ, ...)
 are unmodeled here: written as PEFT's defaults, refused when a config sets them. Its
@@ -10,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from surgeon.lang.kinds import Bool, Dict, Enum, Int, List, Number
-from surgeon.lang.values import Value
+from surgeon.lang.values import Table, Value
 from surgeon.methods.base import COMMON_FIELDS, PROBABILITY, Field, MethodConfig, Problem
 from surgeon.methods.lora.config import FIELDS as LORA_FIELDS
 from surgeon.methods.lora.config import INIT_LORA
 from surgeon.methods.lora.config import PEFT_FIELDS as LORA_PEFT_FIELDS
+from surgeon.methods.lycoris import article
 
 FIELDS = (
     Field("init_r", Int(lo=1), 12, doc="rank each module starts with"),
@@ -37,7 +39,24 @@ FIELDS = (
 
 
 class AdaLoraConfig(MethodConfig):
-    """AdaLoRA's checks: a budgeting phase must exist, and `r` is ignored."""
+    """AdaLoRA's hooks: its scaling (alpha itself; the layer divides by the rank), PEFT's base
+    kinds and fan_in_fan_out per kind, and its checks (a budgeting phase must exist, `r` is
+    ignored)."""
+
+    def scaling(self, alpha: float, r: int, options: Mapping[str, Value]) -> float:
+        return alpha if alpha > 0 else float(r)  # PEFT's AdaLoraLayer.update_layer
+
+    def site_options_for(self, kind: str, options: dict[str, Value]) -> dict[str, Value]:
+        if kind in ("Linear", "Conv1D"):  # PEFT forces it: True for Conv1D, False for Linear
+            options = dict(options, fan_in_fan_out=kind == "Conv1D")
+        if isinstance(options.get("rank_pattern"), Table):  # sites hold plain, JSON-able tuples
+            options = dict(options, rank_pattern=options["rank_pattern"].items)
+        return options
+
+    def site_problem(self, kind: str, options: Mapping[str, Value]) -> str | None:
+        if kind not in KINDS:
+            return f"is {article(kind)} {kind}: PEFT's ADALORA adapts only {', '.join(KINDS)} layers"
+        return None
 
     def check(self, values: Mapping[str, Value], stated: frozenset[str]) -> Iterable[Problem]:
         total, tinit, tfinal = values["total_step"], values["tinit"], values["tfinal"]
@@ -52,6 +71,7 @@ class AdaLoraConfig(MethodConfig):
 
 
 _OWN = {f.name for f in FIELDS}
+KINDS = ("Linear", "Conv1D", "Conv2d")  # PEFT's SVDLinear (Linear, Conv1D) and SVDConv2d
 CONFIG = AdaLoraConfig(
     name="adalora",
     peft_type="ADALORA",
@@ -59,6 +79,12 @@ CONFIG = AdaLoraConfig(
     peft_fields=LORA_PEFT_FIELDS + ("target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1",
                                     "beta2", "orth_reg_weight", "total_step"),
     rules=frozenset({"target", "exclude", "save"}),
+    runtime="surgeon.methods.adalora.layer:METHOD",
+    # the planner's per-site rank and alpha: every module starts at init_r (rank rules are
+    # refused; the saved rank_pattern resizes modules when a checkpoint is loaded)
+    rank_field="init_r",
+    alpha_field="lora_alpha",
+    site_options=("lora_dropout", "init_lora_weights", "rank_pattern", "inference_mode"),
     required=("total_step",),
     ignored=frozenset({"alpha_pattern"}),
     unmodeled=tuple(f for f in LORA_FIELDS if f.name not in _OWN),

@@ -1,1 +1,1 @@
-"""IA3: `config.py` (torch-free). Parsed and converted; not applied yet (no `layer.py`)."""
+"""IA3: `config.py` (torch-free) and `layer.py` (runtime: input or output scaling vectors)."""

@@ -1,1 +1,1 @@
-"""LoHa: `config.py` (torch-free). Parsed and converted; not applied yet (no `layer.py`)."""
+"""LoHa (low-rank Hadamard product): `config.py` (torch-free) and `layer.py` (runtime)."""

@@ -1,1 +1,1 @@
-"""LoKr: `config.py` (torch-free). Parsed and converted; not applied yet (no `layer.py`)."""
+"""LoKr (low-rank Kronecker product): `config.py` (torch-free) and `layer.py` (runtime)."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from surgeon.lang.kinds import Bool, Enum, Int
 from surgeon.methods import lycoris
-from surgeon.methods.base import COMMON_FIELDS, Field, MethodConfig
+from surgeon.methods.base import COMMON_FIELDS, Field
 
-CONFIG = MethodConfig(
+CONFIG = lycoris.LycorisConfig(
     name="lokr",
     peft_type="LOKR",
     fields=lycoris.FIELDS + (
@@ -18,7 +18,9 @@ CONFIG = MethodConfig(
     peft_fields=lycoris.PEFT_FIELDS + ("decompose_both", "decompose_factor", "rank_dropout_scale")
     + lycoris.PEFT_TAIL,
     rules=lycoris.RULES,
+    runtime="surgeon.methods.lokr.layer:METHOD",
     rank_field="r",
     alpha_field="alpha",
+    site_options=lycoris.SITE_OPTIONS + ("decompose_both", "decompose_factor", "rank_dropout_scale"),
     summary=("r", "alpha"),
 )

@@ -43,12 +43,18 @@ class DoraMagnitude(nn.Module):
 
 def weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 scaling: float, kind: str) -> torch.Tensor:
-    """`||W + scaling * B @ A||` per output row, in at least fp32, without autograd."""
+    """`||W + scaling * B @ A||` per output row, in at least fp32, without autograd.
+
+    `B @ A` is PEFT's `mm(B.view(-1, r), A.view(r, -1))` reshaped to the weight: the plain
+    product for every ungrouped kind, and for a grouped convolution (B holds `r / groups`
+    columns per output channel) the same reshaped product PEFT's DoRA takes its norm of.
+    """
     with torch.no_grad():
         w = to_out_major(weight, kind)
         dtype = torch.promote_types(w.dtype, torch.float32)
-        low_rank = lora_b.flatten(1).to(dtype) @ lora_a.flatten(1).to(dtype)
-        return torch.linalg.vector_norm(w.to(dtype) + scaling * low_rank, dim=1)
+        r = lora_a.shape[0]
+        low_rank = lora_b.reshape(-1, r).to(dtype) @ lora_a.reshape(r, -1).to(dtype)
+        return torch.linalg.vector_norm(w.to(dtype) + scaling * low_rank.reshape(w.shape), dim=1)
 
 
 def _factors(mag: DoraMagnitude, weight: torch.Tensor, lora_a: torch.Tensor,

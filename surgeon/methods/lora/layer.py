@@ -21,12 +21,14 @@ import torch
 from torch import fx, nn
 
 from surgeon.methods.lora import dora as lora_dora
+from surgeon.methods.lora import mha
 from surgeon.runtime.base_kinds import (
     CONV_KINDS,
     conv_fn,
     embedding_args,
     from_out_major,
     in_out_features,
+    main_weight,
 )
 
 if TYPE_CHECKING:
@@ -82,8 +84,6 @@ def _check(layer: LayerView, site: Site, opts: LoraOptions) -> None:
         raise ValueError(
             f"Targeting a {type(base).__name__} with groups={base.groups} and rank {site.r}. "
             "Currently, support is limited to conv layers where the rank is divisible by groups.")
-    if opts.use_dora and kind in CONV_KINDS and base.groups > 1:
-        raise NotImplementedError("DoRA on a grouped convolution is not supported.")
     if opts.lora_bias and kind != "Embedding" and base.bias is None:
         warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type "
                       f"{type(base).__name__} has no bias. This means that merging LoRA weights "
@@ -129,7 +129,7 @@ def _initialise(layer: LayerView, site: Site, init: bool | str) -> None:
 
 def _move_to_base(layer: LayerView, adapter: str) -> None:
     """PEFT's `_move_adapter_to_device_of_base_layer`: the base weight's device and float dtype."""
-    weight = layer.base_layer.weight
+    weight = main_weight(layer.base_layer, layer.kind)
     dtype = weight.dtype if weight.dtype.is_floating_point else None
     for name in ("lora_A", "lora_B", "lora_dropout"):
         if adapter in layer._modules[name]:
@@ -166,14 +166,22 @@ class Lora:
 
     def add(self, layer: LayerView, site: Site) -> None:
         opts = LoraOptions.of(site)
+        if site.kind == mha.KIND:
+            mha.check(layer.base_layer, site, opts.use_dora, opts.lora_bias)
         _check(layer, site, opts)
+        if site.kind == mha.KIND:  # PEFT's order: out_proj's adapter, in_proj's, out_proj's again
+            mha.add_out_proj(layer, site)
         _create(layer, site, opts)
         _initialise(layer, site, opts.init)
         _move_to_base(layer, site.adapter)
+        if site.kind == mha.KIND:
+            mha.add_out_proj(layer, site)
         if opts.use_dora:
             lora_dora.add_magnitude(layer, site.adapter, *factors(layer, site.adapter))
 
     def remove(self, layer: LayerView, adapter: str) -> None:
+        if layer.kind == mha.KIND:
+            mha.remove_out_proj(layer, adapter)
         for name, _ in self.containers:
             table = layer._modules[name]
             if adapter in table:
@@ -183,6 +191,8 @@ class Lora:
         opts = LoraOptions.of(site)
         n_in, n_out = in_out_features(base, site.kind)
         r = site.r
+        if site.kind == mha.KIND:  # in_proj (E -> 3E) and the nested out_proj (E -> E)
+            return r * n_in + n_out * r + 2 * r * n_in
         if site.kind in CONV_KINDS:
             count = r * n_in * math.prod(base.kernel_size) + n_out * (r // base.groups)
         else:
@@ -195,6 +205,8 @@ class Lora:
 
     def emit(self, b: Builder, adapter: str, prev: fx.Node, rows: fx.Node | None) -> fx.Node:
         site = b.layer.sites[adapter]
+        if site.kind == mha.KIND:
+            return prev  # the module's call substitutes the deltas (`forward_module`)
         x = b.x if rows is None else b.call(torch.index_select, b.x, 0, rows)
         if site.kind == "Embedding":
             return _emit_embedding(b, adapter, x, prev, rows)
@@ -207,7 +219,14 @@ class Lora:
             return b.result(prev, delta, site.scaling)
         return b.index_result(prev, rows, delta, site.scaling)
 
+    # A MultiheadAttention reads its own weights: called and folded through `mha`.
+    forward_module = staticmethod(mha.forward)
+    merge_module = staticmethod(mha.merge_weights)
+    unmerge_module = staticmethod(mha.unmerge_weights)
+
     def delta_weight(self, layer: LayerView, adapter: str) -> torch.Tensor:
+        if layer.kind == mha.KIND:
+            return mha.delta(layer, adapter, layer.base_layer.in_proj_weight.dtype)
         weight = layer.base_layer.weight
         delta = from_out_major(delta_out_major(layer, adapter), layer.kind, weight.shape)
         return delta.to(factors(layer, adapter)[1].dtype)

@@ -1,0 +1,245 @@
+"""Zoo sweep: every `tiny:<type>` transformers can build, run, and its roles inferred.
+
+A benchmark, not a test (the whole zoo takes tens of minutes on two cores; CI runs a fixed
+sample in tests/roles/test_zoo_sample.py). Each type is one row: does the tiny model build, does
+it run its own forward on the synthesized inputs, are roles computed (or refused, with why), how
+many layers each role family got, and whether the roles agree with the conventional names
+(`q_proj` is a query, `down_proj` a down projection) where a module's name plainly says one.
+
+Results are appended to a JSONL cache, one line per type, so the sweep runs in shards and
+resumes after an interruption; `--report` turns the cache into docs/zoo.md.
+
+    python bench/zoo.py --shard 0/2 --budget 1800      # two shells, one per shard
+    python bench/zoo.py --shard 1/2 --budget 1800
+    python bench/zoo.py --report                        # writes docs/zoo.md
+    python bench/zoo.py --types llama,t5 --fresh        # a few types, ignoring the cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CACHE = Path("/tmp/surgeon-zoo.jsonl")
+REPORT = ROOT / "docs" / "zoo.md"
+FAMILIES = ("attn", "xattn", "mlp", "mixer", "moe", "embed", "head", "other")
+# Last name segment -> the role part it plainly names. Ambiguous names are left out on purpose:
+# `gate` is a router in Mixtral, `in_proj` a fused qkv in DeBERTa but a mixer input in Mamba,
+# `w1/w2/w3` differ between codebases.
+CONVENTIONAL: dict[str, str] = {
+    **dict.fromkeys(("q_proj", "query", "q", "to_q", "query_proj", "q_lin", "wq"), "q"),
+    **dict.fromkeys(("k_proj", "key", "k", "to_k", "key_proj", "k_lin", "wk"), "k"),
+    **dict.fromkeys(("v_proj", "value", "v", "to_v", "value_proj", "v_lin", "wv"), "v"),
+    **dict.fromkeys(("qkv_proj", "qkv", "query_key_value", "wqkv", "c_attn", "to_qkv"), "qkv"),
+    "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "gate_up_proj": "gate_up",
+}
+_ATTN_PARTS = ("q", "k", "v", "qkv")
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise _Timeout("timed out")
+
+
+def all_types() -> list[str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return sorted(CONFIG_MAPPING_NAMES)
+
+
+def _why(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+
+
+def sweep_one(model_type: str) -> dict[str, Any]:
+    """One row: build, run, roles, name agreement. Never raises."""
+    import torch
+
+    from surgeon.capture.synthesize import input_candidates
+    from surgeon.models.load import load_model
+
+    row: dict[str, Any] = {"type": model_type}
+    start = time.perf_counter()
+    try:
+        model = load_model(f"tiny:{model_type}").model
+    except Exception as error:  # noqa: BLE001 - a sweep reports every failure
+        row.update(built=False, why=_why(error))
+        return row
+    row["built"] = True
+    row["class"] = type(model).__name__
+    row.update(runs=False, why="no inputs synthesized")
+    for inputs in input_candidates(model, "cpu"):  # as capture tries them: most complete first
+        try:
+            args, kwargs = inputs.split(inputs.flat())
+            with torch.no_grad():
+                model(*args, **kwargs)
+            row.update(runs=True, why="")
+            break
+        except Exception as error:  # noqa: BLE001
+            row.update(runs=False, why=_why(error))
+    row.update(_roles_row(model))
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def _roles_row(model: Any) -> dict[str, Any]:
+    from surgeon.capture.infer import infer_roles
+
+    try:
+        roles = infer_roles(model)
+    except Exception as error:  # noqa: BLE001
+        return {"roles": False, "roles_why": _why(error)}
+    counts: dict[str, int] = {}
+    for role in roles.values():
+        family = str(role).partition(".")[0]
+        counts[family] = counts.get(family, 0) + 1
+    uncertain = sorted({getattr(r, "uncertain", None) or "" for r in roles.values()} - {""})
+    named, doubted, wrong = 0, 0, []
+    for path, role in roles.items():
+        part = CONVENTIONAL.get(path.rsplit(".", 1)[-1].lower())
+        if part is None:
+            continue
+        if role.uncertain:  # refused, not guessed: role selectors fail on it (exit 2)
+            doubted += 1
+            continue
+        named += 1
+        if not agrees(part, str(role)):
+            wrong.append(f"{path}={role}")
+    return {"roles": True, "families": counts, "uncertain": uncertain, "named": named,
+            "named_uncertain": doubted, "disagree": wrong[:5], "n_disagree": len(wrong)}
+
+
+def agrees(part: str, role: str) -> bool:
+    family, _, have = role.partition(".")
+    if part in _ATTN_PARTS:
+        return family in ("attn", "xattn") and have == part
+    if part == "gate" and family in ("attn", "xattn"):  # gated attention: its output gate
+        return have == "gate"
+    return family == "mlp" and have == part
+
+
+def run_sweep(types: list[str], cache: Path, budget: float, per_type: int, fresh: bool) -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.simplefilter("ignore")
+    done = set() if fresh else {r["type"] for r in read_cache(cache)}
+    signal.signal(signal.SIGALRM, _alarm)
+    deadline = time.monotonic() + budget
+    for model_type in types:
+        if model_type in done:
+            continue
+        if time.monotonic() > deadline:
+            print("budget spent; run again to resume", flush=True)
+            return
+        signal.alarm(per_type)
+        try:
+            row = sweep_one(model_type)
+        except _Timeout:
+            row = {"type": model_type, "built": False, "why": f"timed out after {per_type} s"}
+        finally:
+            signal.alarm(0)
+        with cache.open("a") as out:
+            out.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+def read_cache(cache: Path) -> list[dict[str, Any]]:
+    if not cache.exists():
+        return []
+    rows: dict[str, dict[str, Any]] = {}
+    for line in cache.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["type"]] = row  # the last run of a type wins
+    return [rows[t] for t in sorted(rows)]
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    built = [r for r in rows if r.get("built")]
+    runs = [r for r in built if r.get("runs")]
+    computed = [r for r in runs if r.get("roles")]
+    named = [r for r in computed if r.get("named")]
+    agree = [r for r in named if not r.get("n_disagree")]
+    pct = lambda a, b: f"{100 * len(a) / len(b):.1f}%" if b else "-"
+    return {"types": len(rows), "built": len(built), "runs": len(runs), "runs_pct": pct(runs, built),
+            "roles": len(computed), "roles_pct": pct(computed, runs),
+            "named": len(named), "agree": len(agree), "agree_pct": pct(agree, named),
+            "uncertain": sum(1 for r in computed if r.get("uncertain"))}
+
+
+def write_report(rows: list[dict[str, Any]], path: Path) -> None:
+    s = summary(rows)
+    lines = [
+        "# The zoo: every `tiny:<type>`, run, with roles",
+        "",
+        "Written by `python bench/zoo.py --report` from the sweep's cache (see the script's",
+        "docstring). `runs`: the tiny model runs its own forward on inputs synthesized from its",
+        "config and forward signature. `roles`: `infer_roles` returns (refusals say why).",
+        "`names`: modules whose last name segment plainly names a part (q_proj, query, c_attn,",
+        "gate_proj, down_proj, ...) with a certain role, how many of those disagree with it, and",
+        "(`+N?`) how many got an uncertain role instead (refused by role selectors). Families:",
+        ", ".join(f"`{f}`" for f in FAMILIES) + ".",
+        "",
+        f"**{s['types']} types; {s['built']} build; {s['runs']} run ({s['runs_pct']}); roles for "
+        f"{s['roles']} of those ({s['roles_pct']}); names agree on {s['agree']} of {s['named']} "
+        f"models with conventional names ({s['agree_pct']}); {s['uncertain']} marked uncertain.**",
+        "",
+        "| type | builds | runs | roles | families | names (disagree) | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fams = r.get("families") or {}
+        fam = " ".join(f"{f}:{fams[f]}" for f in FAMILIES if f in fams)
+        names = f"{r.get('named', 0)} ({r.get('n_disagree', 0)})" if r.get("roles") else ""
+        if r.get("named_uncertain"):
+            names += f" +{r['named_uncertain']}?"
+        note = r.get("why") or r.get("roles_why") or "; ".join(r.get("uncertain") or ()) \
+            or ", ".join(r.get("disagree") or ())
+        lines.append(f"| {r['type']} | {_yes(r.get('built'))} | {_yes(r.get('runs'))} | "
+                     f"{_yes(r.get('roles'))} | {fam} | {names} | {_cell(note)} |")
+    path.write_text("\n".join(lines) + "\n")
+    print(json.dumps(s))
+
+
+def _yes(value: Any) -> str:
+    return "yes" if value else ("no" if value is not None else "")
+
+
+def _cell(text: str) -> str:
+    return re.sub(r"\s+", " ", text.replace("|", "\\|"))[:160]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shard", default="0/1", help="i/n: every n-th type starting at i")
+    parser.add_argument("--types", help="comma-separated types instead of the whole zoo")
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--budget", type=float, default=3600, help="seconds before stopping")
+    parser.add_argument("--per-type", type=int, default=90, help="seconds one type may take")
+    parser.add_argument("--fresh", action="store_true", help="redo types already in the cache")
+    parser.add_argument("--report", action="store_true", help="write docs/zoo.md from the cache")
+    args = parser.parse_args()
+    if args.report:
+        write_report(read_cache(args.cache), REPORT)
+        return
+    index, _, count = args.shard.partition("/")
+    types = args.types.split(",") if args.types else all_types()[int(index)::int(count)]
+    run_sweep(types, args.cache, args.budget, args.per_type, args.fresh)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""LoHa on Linear, Conv1d and Conv2d: PEFT 0.21's `peft.tuners.loha` math, names and init.
+
+The delta weight is `scale * (w1a @ w1b) * (w2a @ w2b)` (a Hadamard product of two rank-r
+products), reshaped to the base weight; with `use_effective_conv2d` on a convolution with a
+kernel larger than 1, each factor is a CP decomposition `einsum(t, w_b, w_a)` of the kernel.
+
+The forward need not build the delta weight: a Hadamard product of two rank-r matrices is the
+rank-r^2 matrix `(w1a (.) w2a) @ (w1b (.) w2b)`, where `(.)` pairs every column of one factor
+with every column of the other (row-wise Khatri-Rao). Applied to the input it is two thin
+matmuls (or a convolution and a 1x1 convolution), `r^2 (in + out)` multiply-adds per token
+instead of `in * out`; this layer takes that path whenever it is the cheaper one, and otherwise
+(tiny layers, CP kernels, grouped convolutions) builds the delta weight as PEFT does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgeon.methods.lycoris_layer import LycorisRuntime, Shapes, conv_args, gated_result, kaiming
+
+if TYPE_CHECKING:
+    from surgeon.planning.site import Site
+    from surgeon.runtime.graph import LayerView
+
+_CONV = {3: F.conv1d, 4: F.conv2d}
+
+
+def effective_cp(base: nn.Module, kind: str, use_effective_conv2d: bool) -> bool:
+    """PEFT's rule: CP kernels only for convolutions whose kernel is not 1 (or 1x1)."""
+    return bool(use_effective_conv2d) and kind != "Linear" and any(k != 1 for k in base.kernel_size)
+
+
+def hadamard_weight(params: tuple, static: tuple) -> torch.Tensor:
+    """PEFT's `make_weight` / `make_weight_cp` times the scale, in the base weight's shape."""
+    w1a, w1b, w2a, w2b, t1, t2 = params
+    _, scale, shape, _ = static
+    if t1 is not None:
+        one = torch.einsum("ijkl,jr,ip->prkl", t1, w1b, w1a)
+        two = torch.einsum("ijkl,jr,ip->prkl", t2, w2b, w2a)
+        return (one * two * scale).reshape(shape)
+    return ((w1a @ w1b) * (w2a @ w2b) * scale).reshape(shape)
+
+
+def _khatri_rao(w1a, w1b, w2a, w2b, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(up, down)` with `up @ down == scale * (w1a @ w1b) * (w2a @ w2b)`: `(out, r^2)` and `(r^2, in)`."""
+    n_out, n_in = w1a.shape[0], w1b.shape[1]
+    up = (w1a[:, :, None] * w2a[:, None, :]).reshape(n_out, -1) * scale
+    down = (w1b[:, None, :] * w2b[None, :, :]).reshape(-1, n_in)
+    return up, down
+
+
+def loha_delta(x: torch.Tensor, params: tuple, static: tuple) -> torch.Tensor:
+    """The adapter's output for input `x` (no base output, no dropout)."""
+    mode, scale, shape, conv = static
+    x = x if x.dtype == params[0].dtype else x.to(params[0].dtype)
+    if mode == "linear-factored":
+        up, down = _khatri_rao(*params[:4], scale)
+        return F.linear(F.linear(x, down), up)
+    if mode == "linear":
+        return F.linear(x, hadamard_weight(params, static))
+    stride, padding, dilation, groups = conv
+    conv_fn = _CONV[len(shape)]
+    if mode == "conv-factored":  # groups == 1: conv with `down` as r^2 kernels, then 1x1 `up`
+        up, down = _khatri_rao(*params[:4], scale)
+        h = conv_fn(x, down.reshape(-1, *shape[1:]), None, stride, padding, dilation)
+        return conv_fn(h, up.reshape(*up.shape, *(1,) * (len(shape) - 2)))
+    return conv_fn(x, hadamard_weight(params, static), None, stride, padding, dilation, groups)
+
+
+def loha_result(prev: torch.Tensor, x: torch.Tensor, params: tuple, static: tuple,
+                dropouts: tuple | None) -> torch.Tensor:
+    """The graph function: `prev + delta(x)`, with PEFT's dropouts in training."""
+    shape = static[2]
+    return gated_result(prev, dropouts, shape[0], len(shape) - 2,
+                        lambda: loha_delta(x, params, static))
+
+
+class Loha(LycorisRuntime):
+    """The `loha` method's runtime (`surgeon.runtime.method.MethodRuntime`)."""
+
+    name = "loha"
+    containers = tuple((n, nn.ParameterDict) for n in (
+        "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"))
+
+    def shapes(self, base: nn.Module, kind: str, site: Site) -> Shapes:
+        r, weight = site.r, base.weight.shape
+        n_out, n_in = weight[0], weight[1]  # a convolution's in is in_channels // groups
+        if effective_cp(base, kind, site.option("use_effective_conv2d", False)):
+            kernel = tuple(base.kernel_size) + (1,) * (3 - len(base.kernel_size))
+            t = (r, r, *kernel[:2])
+            return {"hada_t1": t, "hada_w1_a": (r, n_out), "hada_w1_b": (r, n_in),
+                    "hada_t2": t, "hada_w2_a": (r, n_out), "hada_w2_b": (r, n_in)}
+        flat = n_in * (1 if kind == "Linear" else int(torch.Size(weight[2:]).numel()))
+        return {"hada_w1_a": (n_out, r), "hada_w1_b": (r, flat),
+                "hada_w2_a": (n_out, r), "hada_w2_b": (r, flat)}
+
+    def initialise(self, layer: LayerView, adapter: str, init: bool | str) -> None:
+        # FedPara's He init for every factor; PEFT's default zeroes w2_b (a no-op at start)
+        for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
+            p = layer._modules[name][adapter]
+            if name == "hada_w2_b" and init:
+                nn.init.zeros_(p)
+            else:
+                kaiming(p)
+        if adapter in layer.hada_t1:
+            kaiming(layer.hada_t1[adapter])
+            kaiming(layer.hada_t2[adapter])
+
+    def _static(self, layer: LayerView, adapter: str, mode: str) -> tuple:
+        base = layer.base_layer
+        conv = None if layer.kind == "Linear" else conv_args(base)
+        return (mode, layer.sites[adapter].scaling, tuple(base.weight.shape), conv)
+
+    def weight(self, layer: LayerView, adapter: str) -> torch.Tensor:
+        params = tuple(layer._modules[n].get(adapter) for n, _ in self.containers)
+        return hadamard_weight(params, self._static(layer, adapter, "weight"))
+
+    def graph_call(self, layer: LayerView, adapter: str):
+        return loha_result, self._static(layer, adapter, self._mode(layer, adapter))
+
+    def _mode(self, layer: LayerView, adapter: str) -> str:
+        """The cheaper forward: factored (`r^2 (in + out)` per position) or the delta weight."""
+        base, r = layer.base_layer, layer.sites[adapter].r
+        shape = base.weight.shape
+        n_out, n_in, k = shape[0], shape[1], int(torch.Size(shape[2:]).numel())
+        factored = r * r * (n_in * k + n_out) < n_out * n_in * k
+        if layer.kind == "Linear":
+            return "linear-factored" if factored else "linear"
+        plain = adapter not in layer.hada_t1 and base.groups == 1
+        return "conv-factored" if factored and plain else "conv"
+
+
+METHOD = Loha()

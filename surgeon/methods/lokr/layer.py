@@ -1,0 +1,157 @@
+"""LoKr on Linear, Conv1d and Conv2d: PEFT 0.21's `peft.tuners.lokr` math, names and init.
+
+The delta weight is `scale * kron(w1, w2)`: the output and input sizes are each split into two
+factors (`factorization`, PEFT's rule), `w1` is `(a, c)` and `w2` is `(b, d)` with `out = a*b`
+and `in = c*d`. Either factor may itself be a rank-r product (`w1_a @ w1_b` with
+`decompose_both`, `w2_a @ w2_b` when r is small against the factor), and a convolution's `w2`
+carries the kernel (a CP decomposition `t2` with `use_effective_conv2d`).
+
+On a Linear the forward never builds the `(out, in)` delta: with `x` viewed as a `(c, d)`
+matrix per token, `kron(w1, w2) @ vec(x) = vec(w1 @ x @ w2.T)`, two small matmuls (four when
+factored). A convolution builds PEFT's delta kernel (its size is that of the base kernel) and
+convolves once, exactly as PEFT does, including PEFT's layout for a full-rank Conv1d `w2`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgeon.methods.loha.layer import effective_cp
+from surgeon.methods.lycoris_layer import LycorisRuntime, Shapes, conv_args, gated_result, kaiming
+
+if TYPE_CHECKING:
+    from surgeon.planning.site import Site
+    from surgeon.runtime.graph import LayerView
+
+_CONV = {3: F.conv1d, 4: F.conv2d}
+_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Split `dimension` into `(m, n)`, `m * n == dimension`, as LyCORIS and PEFT do.
+
+    A positive `factor` that divides `dimension` is taken as `m` as it is. Otherwise `m` walks
+    up the divisors while `m < n` and `m <= factor` (any divisor with factor -1), and the pair
+    is returned smaller first: `factorization(128) == (8, 16)`, `factorization(127) == (1, 127)`.
+    """
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    limit = dimension if factor == -1 else factor
+    m, n = 1, dimension
+    while m < n:
+        nxt = next(d for d in range(m + 1, dimension + 1) if dimension % d == 0)
+        if nxt > limit:
+            break
+        m, n = nxt, dimension // nxt
+    return min(m, n), max(m, n)
+
+
+def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`torch.kron(a, b)` (the smaller tensor gets leading 1s), written as one broadcast product:
+    torch.kron views its inputs and fails on some strides (PEFT's CP Conv1d kernels)."""
+    n = max(a.dim(), b.dim())
+    a = a.reshape((1,) * (n - a.dim()) + tuple(a.shape))
+    b = b.reshape((1,) * (n - b.dim()) + tuple(b.shape))
+    pairs = [s for pair in zip(a.shape, (1,) * n) for s in pair]
+    product = a.reshape(pairs) * b.reshape([s for pair in zip((1,) * n, b.shape) for s in pair])
+    return product.reshape([x * y for x, y in zip(a.shape, b.shape)])
+
+
+def kron_weight(params: tuple, static: tuple) -> torch.Tensor:
+    """PEFT's `get_delta_weight` (no rank dropout): `scale * kron(w1, w2)` in the base shape."""
+    w1, w1a, w1b, w2, w2a, w2b, t2 = params
+    _, scale, shape, _ = static
+    w1 = w1 if w1 is not None else w1a @ w1b
+    if w2 is None:
+        w2 = torch.einsum("ijkl,ip,jr->prkl", t2, w2a, w2b) if t2 is not None else w2a @ w2b
+    if w2.dim() == 4:
+        w1 = w1[:, :, None, None]
+    return (kron(w1, w2) * scale).reshape(shape)
+
+
+def kron_linear(x: torch.Tensor, params: tuple, scale: float) -> torch.Tensor:
+    """`x @ (scale * kron(w1, w2)).T` through reshapes: `w1 @ X @ w2.T` per token."""
+    w1, w1a, w1b, w2, w2a, w2b, _ = params
+    c = w1.shape[1] if w1 is not None else w1b.shape[1]
+    lead = x.shape[:-1]
+    h = x.reshape(*lead, c, -1)  # (..., c, d)
+    h = F.linear(h, w2) if w2 is not None else F.linear(F.linear(h, w2b), w2a)  # (..., c, b)
+    h = w1 @ h if w1 is not None else w1a @ (w1b @ h)  # (..., a, b)
+    return h.reshape(*lead, -1) * scale
+
+
+def lokr_delta(x: torch.Tensor, params: tuple, static: tuple) -> torch.Tensor:
+    """The adapter's output for input `x` (no base output, no dropout)."""
+    mode, scale, shape, conv = static
+    dtype = next(p.dtype for p in params if p is not None)
+    x = x if x.dtype == dtype else x.to(dtype)
+    if mode == "linear":
+        return kron_linear(x, params, scale)
+    stride, padding, dilation, groups = conv
+    return _CONV[len(shape)](x, kron_weight(params, static), None, stride, padding, dilation, groups)
+
+
+def lokr_result(prev: torch.Tensor, x: torch.Tensor, params: tuple, static: tuple,
+                dropouts: tuple | None) -> torch.Tensor:
+    """The graph function: `prev + delta(x)`, with PEFT's dropouts in training."""
+    shape = static[2]
+    return gated_result(prev, dropouts, shape[0], len(shape) - 2,
+                        lambda: lokr_delta(x, params, static))
+
+
+class Lokr(LycorisRuntime):
+    """The `lokr` method's runtime (`surgeon.runtime.method.MethodRuntime`)."""
+
+    name = "lokr"
+    containers = tuple((n, nn.ParameterDict) for n in _NAMES)
+    rescale_rank_dropout = None  # LoKr rescales only with rank_dropout_scale
+
+    def shapes(self, base: nn.Module, kind: str, site: Site) -> Shapes:
+        r, factor = site.r, int(site.option("decompose_factor", -1))
+        n_out, n_in = base.weight.shape[0], base.weight.shape[1]  # in_channels // groups
+        a, b = factorization(n_out, factor)
+        c, d = factorization(n_in, factor)
+        kernel = tuple(base.kernel_size) if kind != "Linear" else ()
+        out: Shapes = {}
+        if site.option("decompose_both", False) and r < max(a, c) / 2:
+            out.update(lokr_w1_a=(a, r), lokr_w1_b=(r, c))
+        else:
+            out["lokr_w1"] = (a, c)
+        if r >= max(b, d) / 2:
+            out["lokr_w2"] = (b, d, *kernel)
+        elif effective_cp(base, kind, site.option("use_effective_conv2d", False)):
+            out.update(lokr_t2=(r, r, *(kernel + (1,))[:2]), lokr_w2_a=(r, b), lokr_w2_b=(r, d))
+        else:
+            out.update(lokr_w2_a=(b, r), lokr_w2_b=(r, d * int(torch.Size(kernel).numel())))
+        return out
+
+    def initialise(self, layer: LayerView, adapter: str, init: bool | str) -> None:
+        # PEFT's three schemes: the default zeroes w1 (or w1_a); "lycoris" zeroes w2 (or
+        # w2_b); False draws every factor. He init otherwise, in PEFT's order.
+        zero = {"lokr_w1", "lokr_w1_a"} if init is True else {"lokr_w2", "lokr_w2_b"} if init else set()
+        order = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_b", "lokr_w2_a", "lokr_t2") \
+            if init == "lycoris" else _NAMES
+        for name in order:
+            if adapter in layer._modules[name]:
+                p = layer._modules[name][adapter]
+                nn.init.zeros_(p) if name in zero else kaiming(p)
+
+    def _static(self, layer: LayerView, adapter: str) -> tuple:
+        base = layer.base_layer
+        linear = layer.kind == "Linear"
+        return ("linear" if linear else "conv", layer.sites[adapter].scaling,
+                tuple(base.weight.shape), None if linear else conv_args(base))
+
+    def weight(self, layer: LayerView, adapter: str) -> torch.Tensor:
+        params = tuple(layer._modules[n].get(adapter) for n in _NAMES)
+        return kron_weight(params, self._static(layer, adapter))
+
+    def graph_call(self, layer: LayerView, adapter: str):
+        return lokr_result, self._static(layer, adapter)
+
+
+METHOD = Lokr()

@@ -1,0 +1,175 @@
+"""What the LoHa and LoKr runtimes share: PEFT's LycorisLayer, as one abstract base.
+
+Both methods keep per-adapter tensors in `nn.ParameterDict`s named as PEFT names them (so
+state_dict and checkpoint keys match), create them empty and initialise them in PEFT's order
+(so a seeded RNG draws the same numbers), scale by `alpha / r` (`Site.scaling`), and add
+`delta(x)` to the base output. In training, as PEFT's `LycorisLayer.forward`, each adapter
+first draws `torch.rand(1)` and is skipped when it is not above `module_dropout`, then (with
+`rank_dropout`) draws one keep/drop value per output channel. The draws happen in PEFT's order
+so a seeded training step takes the same path in both.
+
+A method subclasses `LycorisRuntime` with its parameter shapes, its initialisation, its full
+delta weight (PEFT's `get_delta_weight`, used to merge) and its graph function (the forward,
+which may avoid building the delta weight). PEFT runs no mixed-adapter batches for either.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import fx, nn
+
+from surgeon.errors import UserError
+from surgeon.runtime.graph import META
+
+if TYPE_CHECKING:
+    from surgeon.planning.site import Site
+    from surgeon.runtime.graph import Builder, LayerView
+
+Shapes = dict[str, tuple[int, ...]]  # container name -> parameter shape, in PEFT's creation order
+
+
+class MixedBatchError(UserError, ValueError):
+    """PEFT's LoHa and LoKr layers take no `adapter_names` (one adapter per batch row)."""
+
+
+def conv_args(base: nn.Module) -> tuple:
+    """`(stride, padding, dilation, groups)` of a base convolution, as graph constants."""
+    return (tuple(base.stride), base.padding if isinstance(base.padding, str) else tuple(base.padding),
+            tuple(base.dilation), base.groups)
+
+
+def kaiming(p: torch.Tensor) -> None:
+    """PEFT's initialiser for LyCORIS factors (He uniform, as nn.Linear's default)."""
+    nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+
+
+def rank_drop(n_out: int, p: float, rescale: bool, dtype: torch.dtype, device) -> torch.Tensor:
+    """PEFT's rank dropout: one keep (1) / drop (0) per output channel, optionally divided by
+    its mean (LoHa always does; LoKr when `rank_dropout_scale`)."""
+    drop = (torch.rand(n_out) > p).to(dtype)
+    if rescale:
+        drop /= drop.mean()
+    return drop.to(device)
+
+
+def gated_result(prev: torch.Tensor, dropouts: tuple | None, n_out: int, channel_dims: int,
+                 delta: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`prev + delta()`, with PEFT's module and rank dropout when `dropouts` is
+    `(module_dropout, rank_dropout, rescale)` (training).
+
+    `channel_dims` is how many dimensions follow the output channel (0 for Linear, the spatial
+    dimensions for a convolution), to broadcast the rank-dropout vector.
+    """
+    if dropouts is None:
+        return prev + delta()
+    module_p, rank_p, rescale = dropouts
+    if not bool(torch.rand(1) > module_p):
+        return prev
+    out = delta()
+    if rank_p:
+        drop = rank_drop(n_out, rank_p, rescale, out.dtype, out.device)
+        out = out * drop.view(-1, *(1,) * channel_dims)
+    return prev + out
+
+
+class LycorisRuntime:
+    """The shared part of a LyCORIS method's `MethodRuntime` (see the module docstring)."""
+
+    name: str
+    containers: tuple[tuple[str, type[nn.Module]], ...]
+    rescale_rank_dropout: bool | None = True  # None: the site's `rank_dropout_scale` decides
+
+    # ------------------------------------------------------------------ per method
+    def shapes(self, base: nn.Module, kind: str, site: Site) -> Shapes:
+        """The adapter's parameter shapes on `base` (works on the meta device)."""
+        raise NotImplementedError
+
+    def initialise(self, layer: LayerView, adapter: str, init: bool | str) -> None:
+        """PEFT's reset_adapter_parameters* for `init_weights`, in PEFT's order."""
+        raise NotImplementedError
+
+    def weight(self, layer: LayerView, adapter: str) -> torch.Tensor:
+        """PEFT's `get_delta_weight` without rank dropout: scaled, in the base weight's shape."""
+        raise NotImplementedError
+
+    def graph_call(self, layer: LayerView, adapter: str) -> tuple[Callable[..., Any], tuple]:
+        """The graph function `fn(prev, x, params, static, dropouts)` and its `static` constants."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ MethodRuntime
+    def add(self, layer: LayerView, site: Site) -> None:
+        if site.r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {site.r}")
+        for name, shape in self.shapes(layer.base_layer, site.kind, site).items():
+            layer._modules[name][site.adapter] = nn.Parameter(torch.empty(shape))
+        self.initialise(layer, site.adapter, site.option("init_weights", True))
+        weight = layer.base_layer.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else None
+        for name, _ in self.containers:
+            table = layer._modules[name]
+            if site.adapter in table:
+                table[site.adapter] = nn.Parameter(table[site.adapter].detach().to(weight.device, dtype))
+
+    def remove(self, layer: LayerView, adapter: str) -> None:
+        for name, _ in self.containers:
+            table = layer._modules[name]
+            if adapter in table:
+                del table[adapter]
+
+    def num_params(self, base: nn.Module, site: Site) -> int:
+        return sum(math.prod(s) for s in self.shapes(base, site.kind, site).values())
+
+    def check_mixed(self, layer: LayerView, adapter: str) -> None:
+        raise MixedBatchError(
+            f"`adapter_names` (one adapter per batch row) is not supported by {self.name} adapters "
+            f"(`{layer.path}`), as in PEFT; run one adapter per batch with `set_adapter`.")
+
+    def params(self, b: Builder, adapter: str) -> tuple[fx.Node | None, ...]:
+        """A get_attr per container (None where the adapter has no tensor), containers' order."""
+        return tuple(b.attr(f"{name}.{adapter}") if adapter in b.layer._modules[name] else None
+                     for name, _ in self.containers)
+
+    def emit(self, b: Builder, adapter: str, prev: fx.Node, rows: fx.Node | None) -> fx.Node:
+        if rows is not None:
+            self.check_mixed(b.layer, adapter)
+        fn, static = self.graph_call(b.layer, adapter)
+        dropouts = None
+        if b.layer.training:
+            site = b.layer.sites[adapter]
+            rescale = self.rescale_rank_dropout
+            if rescale is None:
+                rescale = bool(site.option("rank_dropout_scale", False))
+            dropouts = (float(site.option("module_dropout", 0.0) or 0.0),
+                        float(site.option("rank_dropout", 0.0) or 0.0), rescale)
+        node = b.call(fn, prev, b.x, self.params(b, adapter), static, dropouts)
+        node.meta[META]["role"] = "result"  # a function of `prev` (its args[0]), as `prev + delta`
+        return node
+
+    def delta_weight(self, layer: LayerView, adapter: str) -> torch.Tensor:
+        with torch.no_grad():
+            return self.weight(layer, adapter)
+
+    def _out_major(self, layer: LayerView, adapter: str, dtype: torch.dtype) -> torch.Tensor:
+        delta = self.delta_weight(layer, adapter)
+        return delta.reshape(delta.shape[0], -1).to(torch.promote_types(dtype, delta.dtype))
+
+    def fold(self, layer: LayerView, adapter: str, weight: torch.Tensor,
+             unmerged: torch.Tensor) -> torch.Tensor:
+        return weight + self._out_major(layer, adapter, weight.dtype)
+
+    def unfold(self, layer: LayerView, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight - self._out_major(layer, adapter, weight.dtype)
+
+    def bias_delta(self, layer: LayerView, adapter: str) -> torch.Tensor | None:
+        return None
+
+    def clear_caches(self, layer: LayerView) -> None:
+        pass
+
+    # PEFT's LycorisLayer.merge adds the delta to grouped convolutions too (its shapes use
+    # in_channels // groups), so the fold step may merge them (see surgeon.runtime.fold).
+    merges_grouped_conv = True

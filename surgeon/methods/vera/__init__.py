@@ -1,0 +1,1 @@
+"""VeRA: one shared pair of random projections, two trained scaling vectors per layer."""
