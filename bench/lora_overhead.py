@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Timing, clock, interleaved, once_each, paired_ratios, peak_memory  # noqa: E402
+from harness import Timing, clock, interleaved, once_each, paired_ratios, peak_memory
 
 SIDES = ("surgeon", "peft")
 

@@ -11,7 +11,9 @@ base model and a single-adapter forward of the same batch. Printed: milliseconds
 surgeon's throughput over peft's (above 1 means surgeon is faster), peft's time over the base
 model divided by surgeon's (the adapters' own cost), and the max |difference| of
 the logits (surgeon gathers all adapters into one batched matmul per layer, peft loops over
-them). One JSON line follows. Tests never assert timings.
+them); then one q_proj's mixed call alone, in us over its bare nn.Linear (fastest of the paired
+rounds): the gather-matmul against peft's loop without routing or the base model. One JSON line
+follows. Tests never assert timings.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Timing, interleaved  # noqa: E402
-from lora_overhead import Shape, llama  # noqa: E402
+from harness import Timing, interleaved, paired_ratios
+from lora_overhead import Shape, llama
 
 
 def adapt_both(base, n: int):
@@ -72,12 +74,29 @@ def measure(shape: Shape, n: int, rows: int, seq: int, timing: Timing) -> dict:
             "surgeon_one": lambda: ours(ids),
             "peft_one": lambda: theirs(ids),
         }, torch.device("cpu"), timing)
+        us = layer_us(ours, theirs, per_row, seq, shape.hidden, timing)
     ms = {k: v * 1e3 for k, v in seconds.items()}
     return {"hidden": shape.hidden, "layers": shape.layers, "adapters": n, "rows": rows,
             "seq": seq, "ms": ms, "throughput_vs_peft": ms["peft"] / ms["surgeon"],
             # the adapters' share: peft's time over the base, divided by surgeon's
-            "overhead_vs_peft": (ms["peft"] - ms["base"]) / max(ms["surgeon"] - ms["base"], 1e-9),
-            "single_adapter_vs_peft": ms["peft_one"] / ms["surgeon_one"], "max_abs_diff": diff}
+            "overhead_vs_peft": ((ms["peft"] - ms["base"]) / (ms["surgeon"] - ms["base"])
+                                 if ms["surgeon"] > ms["base"] else float("inf")),
+            "single_adapter_vs_peft": ms["peft_one"] / ms["surgeon_one"], "max_abs_diff": diff,
+            "q_proj_us": us}
+
+
+def layer_us(ours, theirs, per_row: list[str], seq: int, hidden: int, timing: Timing) -> dict:
+    """One q_proj's mixed call over its bare nn.Linear, fastest round in us (no routing, no base
+    model: the gather-matmul against peft's loop alone)."""
+    from surgeon.runtime.adapted import AdaptedLayer
+
+    layer = next(m for m in ours.modules() if isinstance(m, AdaptedLayer))
+    peft_layer = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(len(per_row), seq, hidden)
+    fns = {"linear": lambda: layer.base_layer(x), "surgeon": lambda: layer(x, adapter_names=per_row),
+           "peft": lambda: peft_layer(x, adapter_names=per_row)}
+    best = paired_ratios(fns, "linear", torch.device("cpu"), Timing(timing.repeats, 10 * timing.inner, 2))
+    return {k: v * 1e6 for k, v in best["min_s"].items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,14 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         timing, n, rows = Timing(9, 3, 2), args.adapters, args.rows
     results = [measure(shape, n, rows, seq, timing) for shape, seq in runs]
     print(f"{'llama':<10}{'adapters x rows':>18}{'base ms':>9}{'surgeon ms':>12}{'peft ms':>9}"
-          f"{'throughput s/p':>16}{'overhead p/s':>14}{'max|diff|':>11}")
+          f"{'throughput s/p':>16}{'overhead p/s':>14}{'max|diff|':>11}{'q_proj over Linear us s/p':>27}")
     for r in results:
         ms = r["ms"]
-        print(f"{'h%d x %d' % (r['hidden'], r['layers']):<10}"
-              f"{'%d x %d (seq %d)' % (r['adapters'], r['rows'], r['seq']):>18}"
+        model = f"h{r['hidden']} x {r['layers']}"
+        batch = f"{r['adapters']} x {r['rows']} (seq {r['seq']})"
+        us = r["q_proj_us"]
+        layer = f"{us['surgeon'] - us['linear']:.0f} / {us['peft'] - us['linear']:.0f}"
+        print(f"{model:<10}{batch:>18}"
               f"{ms['base']:>9.2f}{ms['surgeon']:>12.2f}{ms['peft']:>9.2f}"
               f"{r['throughput_vs_peft']:>15.2f}x{r['overhead_vs_peft']:>13.2f}x"
-              f"{r['max_abs_diff']:>11.1e}")
+              f"{r['max_abs_diff']:>11.1e}{layer:>27}")
     meta = {"torch": torch.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "smoke": args.smoke}
     print(json.dumps({"bench": "mixed_batch", **meta, "results": results}, sort_keys=True))

@@ -40,6 +40,7 @@ _EXPORTS = {
     "delete_adapter": "surgeon.api",
     "active_adapters": "surgeon.api",
     "viz": "surgeon.pictures.picture",
+    "prepare_kbit": "surgeon.runtime.quantized",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -31,12 +31,13 @@ from surgeon.integrations import transformers as hf
 from surgeon.lang.spec import Spec
 from surgeon.peft_format import checkpoint as pf
 from surgeon.peft_format import files
+from surgeon.runtime.base_kinds import main_weight
 from surgeon.runtime.precision import HALF, autocast_adapters, warn_if_tied
 from surgeon.runtime.routing import remove_hooks, route_rows
 from surgeon.runtime.saved import SavedModule
 from surgeon.runtime.state import State, require_state, set_state, unwrap
 from surgeon.runtime.tokens import TokenWrapper
-from surgeon.runtime.transaction import Transaction, commit, prepare, rename_adapter
+from surgeon.runtime.transaction import Transaction, commit, discard, prepare, rename_adapter
 from surgeon.runtime.wrappers import activate, adapted_layers, wrappers, wrappers_of
 
 __all__ = [
@@ -103,6 +104,7 @@ def apply(spec: Spec | str | os.PathLike, model: nn.Module, *, example_inputs=No
         autocast_adapters(host, [a.name for a in spec.adapters])
     except BaseException:
         tx.rollback()
+        discard(prepared)
         raise
     hf.attach(host, _HF_OPS)
     return model
@@ -219,6 +221,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         _copy_in(host, matched, owned)
     except BaseException:
         tx.rollback()
+        discard(prepared)
         raise
     hf.attach(host, _HF_OPS)
     return model
@@ -262,8 +265,11 @@ def _merge(model: nn.Module, adapter_names, *, safe_merge: bool, keep_exact: boo
     distributed.reshard(model)  # FSDP2: fold into the shards, not a gathered copy about to go
     todo = [(path, layer) for path, layer in adapted_layers(model) if any(a in layer.sites for a in wanted)]
     warn_if_tied(model, todo)
+    before = {id(layer): list(layer.merged_adapters) for _, layer in todo}
     for _, layer in todo:
-        weight = layer.base_layer.weight
+        if layer.merged_adapters != before[id(layer)]:
+            continue  # merged by its parent (an MHA merges its nested out_proj layer itself)
+        weight = main_weight(layer.base_layer, layer.kind)
         if keep_exact and not layer.merged and weight.dtype in HALF and not distributed.is_dtensor(weight):
             _EXACT[layer] = weight.detach().clone()
         layer.merge([a for a in wanted if a in layer.sites], safe_merge=safe_merge)
@@ -277,9 +283,9 @@ def unmerge(model: nn.Module) -> None:
         if layer.merged:
             layer.unmerge()
             exact = _EXACT.pop(layer, None)
-            if exact is not None and exact.shape == layer.base_layer.weight.shape:
+            if exact is not None and exact.shape == main_weight(layer.base_layer, layer.kind).shape:
                 with torch.no_grad():
-                    layer.base_layer.weight.copy_(exact)  # bit for bit, not weight + delta - delta
+                    main_weight(layer.base_layer, layer.kind).copy_(exact)  # bit for bit, not weight + delta - delta
                 layer.method.clear_caches(layer)
 
 

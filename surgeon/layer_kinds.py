@@ -7,7 +7,8 @@ use) all ask these questions; this module is the one place that answers them.
 
 - A *layer kind* is one of `KINDS`, named after the class it stands for. "Conv1D" is transformers'
   fan-in/fan-out Conv1D (GPT-2); "Conv1d" is torch's convolution. `kind_of` checks them in PEFT
-  0.21's dispatch order (`peft.tuners.lora.model.dispatch_default`).
+  0.21's dispatch order (`peft.tuners.lora.model.dispatch_default`). "MultiheadAttention" is
+  adapted as a whole (LoRA only, as PEFT: its in_proj and out_proj through the module).
 - A *stack* is the outermost `nn.ModuleList`/`nn.Sequential` on a path that holds >= 2 non-leaf
   children owning parameters; those children are its *blocks* (a transformer's layers). Layer
   indices (`surgeon.planning.layers`) and capture's one-block-per-structure tracing

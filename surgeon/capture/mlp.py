@@ -80,10 +80,15 @@ def _classify(flow: Flow, down: fx.Node, by_feeder: dict[fx.Node, set[_Path]]) -
     where = f"`{flow.projs[down].module or flow.scope(down)}`"
     acts = sorted({p.act for paths in by_feeder.values() for p in paths if p.act})
     act = "/".join(acts)
+    factors = _outside_factors(flow, down, set(by_feeder))
+    if len(by_feeder) > 1 and factors:
+        return []  # a gate on the residual stream (a gated norm, adaLN), not an MLP
     found = [Found(down, "mlp.down", f"reads the output of another projection through {act}")]
     if len(by_feeder) == 1:
         (feeder, paths), = by_feeder.items()
-        mixed = _mixed_factor(flow, down, feeder)
+        mixed = next((f for f in factors if _depends_on(flow, f, feeder)), None)
+        if factors and mixed is None:
+            return []  # the activation gates a tensor the feeder did not make: not an MLP
         if mixed is not None:
             return [Found(feeder, "mixer.in", f"its output is mixed along the sequence (through "
                           f"`{op_name(mixed)}`, not attention) and gated by itself into {where}"),
@@ -106,24 +111,23 @@ def _classify(flow: Flow, down: fx.Node, by_feeder: dict[fx.Node, set[_Path]]) -
     return found
 
 
-def _mixed_factor(flow: Flow, down: fx.Node, feeder: fx.Node) -> fx.Node | None:
-    """A state-space or linear-attention mixer: `down` reads `feeder`'s output gated (pointwise)
-    by a factor computed from that same output through non-pointwise ops (a convolution, a
-    scan). An MLP's only factors are projections' outputs and the nonlinearity itself."""
+def _outside_factors(flow: Flow, down: fx.Node, feeders: set[fx.Node]) -> list[fx.Node]:
+    """What `down`'s input is computed from, pointwise, besides its feeders' outputs: nothing in
+    an MLP (its factors are projections and the nonlinearity). A factor computed from a feeder
+    through non-pointwise ops (a convolution, a scan) makes a state-space or linear-attention
+    mixer; any other factor (a normed residual stream) makes a gate, not an MLP."""
     cone, queue, outside = set(), [flow.projs[down].data], []
     while queue:
         node = queue.pop()
-        if node in cone or node is feeder:
+        if node in cone or node in feeders:
             continue
         if flow.kind[node] not in (PASS, SLICE, ACT):
-            outside.append(node)
+            if node not in flow.projs and flow.origins[node]:
+                outside.append(node)
             continue
         cone.add(node)
         queue.extend(flow.inputs(node))
-    for node in outside:
-        if node not in flow.projs and _depends_on(flow, node, feeder):
-            return node
-    return None
+    return outside
 
 
 def _depends_on(flow: Flow, node: fx.Node, ancestor: fx.Node) -> bool:

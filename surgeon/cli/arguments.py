@@ -56,6 +56,9 @@ def add_model_arguments(cmd: argparse.ArgumentParser, *, required: bool = True) 
     cmd.add_argument("--input", action="append", default=[], type=_input_shape, metavar="SHAPE[:DTYPE]",
                      help="an example input for capture, e.g. 2x16:float32 or 1x8:int64 "
                           "(repeat for several positional inputs)")
+    cmd.add_argument("--load-in", choices=("4bit", "8bit"), default=None,
+                     help="load a directory or Hub --model quantised by bitsandbytes: 4bit (nf4, "
+                          "QLoRA) or 8bit (LLM.int8)")
 
 
 
@@ -99,7 +102,7 @@ def load_model_arg(args: argparse.Namespace):
     """The model `--model` names, with the `--input` example inputs (surgeon.models.load)."""
     from surgeon.models.load import load_model
 
-    return load_model(args.model, inputs=tuple(args.input))
+    return load_model(args.model, inputs=tuple(args.input), load_in=vars(args).get("load_in"))
 
 
 def print_json(data) -> None:

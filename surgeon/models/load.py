@@ -102,30 +102,36 @@ class LoadedModel:
         return is_transformers_model(self.model)
 
 
-def load_model(spec: str, *, inputs: tuple[InputShape, ...] = ()) -> LoadedModel:
+def load_model(spec: str, *, inputs: tuple[InputShape, ...] = (),
+               load_in: str | None = None) -> LoadedModel:
     """Load the model a MODEL string names.
 
     Args:
         spec: one of the MODEL forms in the module docstring.
         inputs: example input shapes (`--input`), made into tensors with a fixed seed.
+        load_in: "4bit" (nf4, as QLoRA) or "8bit" to load a directory or Hub model quantised
+            by bitsandbytes (`--load-in`); other MODEL forms are refused with it.
 
     Example:
         >>> load_model("py:torch.nn:Identity", inputs=(InputShape.parse("2x4"),)).name
         'py:torch.nn:Identity'
     """
     example = make_inputs(inputs) if inputs else None
+    if load_in is not None and spec.startswith(("tiny:", "py:")):
+        raise ModelError(f"model '{spec}': --load-in quantises weights as transformers loads them; "
+                         "it needs a transformers directory, a Hub id or `minilm`")
     if spec == "minilm":
-        loaded = _load_dir(_minilm_dir(), name="minilm")
+        loaded = _load_dir(_minilm_dir(), name="minilm", load_in=load_in)
     elif spec.startswith("tiny:"):
         loaded = _load_tiny(spec)
     elif spec.startswith("py:"):
         loaded = _load_factory(spec)
     elif os.path.exists(os.path.expanduser(spec)):
-        loaded = _load_dir(Path(spec).expanduser(), name=spec)
+        loaded = _load_dir(Path(spec).expanduser(), name=spec, load_in=load_in)
     elif _looks_like_path(spec):
         raise ModelError(f"model '{spec}': no such directory")
     elif _HUB_ID.match(spec):
-        loaded = _load_dir(_fetch_from_hub(spec), name=spec)
+        loaded = _load_dir(_fetch_from_hub(spec), name=spec, load_in=load_in)
     else:
         raise ModelError(f"model '{spec}': not a directory, Hub id, `minilm`, `tiny:TYPE` or "
                          "`py:MODULE:FACTORY`")
@@ -141,8 +147,9 @@ def _looks_like_path(spec: str) -> bool:
 # --------------------------------------------------------------------------- local and Hub
 
 
-def _load_dir(path: Path, *, name: str) -> LoadedModel:
-    """A transformers model directory, with the class its config.json names."""
+def _load_dir(path: Path, *, name: str, load_in: str | None = None) -> LoadedModel:
+    """A transformers model directory, with the class its config.json names (quantised by
+    bitsandbytes on the CPU with `load_in`)."""
     if not path.is_dir():
         raise ModelError(f"model '{name}': not a directory")
     if not (path / "config.json").is_file():
@@ -158,11 +165,24 @@ def _load_dir(path: Path, *, name: str) -> LoadedModel:
         raise ModelError(f"model '{name}': cannot read '{path / 'config.json'}': {error}") from None
     model_class = _class_from_config(config)
     try:
-        model = model_class.from_pretrained(path)
+        model = model_class.from_pretrained(path, **_quantisation(load_in))
     except (OSError, ValueError) as error:
         raise ModelError(f"model '{name}': cannot load the weights in '{path}': {error}") from None
     model.eval()
     return LoadedModel(model, None, name, path, reference=name if name != "minilm" else str(path))
+
+
+def _quantisation(load_in: str | None) -> dict:
+    """`from_pretrained` arguments for `--load-in`: QLoRA's nf4, or LLM.int8, on this host."""
+    if load_in is None:
+        return {}
+    if load_in not in ("4bit", "8bit"):
+        raise ModelError(f"--load-in {load_in}: expected 4bit or 8bit")
+    from transformers import BitsAndBytesConfig
+
+    config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+              if load_in == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+    return {"quantization_config": config, "device_map": "cpu"}
 
 
 def _refuse_pickles(path: Path, name: str) -> None:
@@ -257,8 +277,8 @@ def _uses_mrope(config: Any) -> bool:
     the sections are a default in the code, not a config field)."""
     import inspect
 
-    classes = [type(config), *(c for c in (getattr(config, "sub_configs", None) or {}).values()
-                               if isinstance(c, type))]
+    subs = (getattr(config, key, None) for key in (getattr(config, "sub_configs", None) or {}))
+    classes = [type(config), *(type(sub) for sub in subs if sub is not None)]
     for cls in classes:
         try:
             module = importlib.import_module(cls.__module__.replace(".configuration_", ".modeling_"))

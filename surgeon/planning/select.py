@@ -116,17 +116,18 @@ def never_runs(model: nn.Module, path: str) -> tuple[str, str] | None:
     weight directly instead of calling it (a MultiheadAttention's out_proj; PEFT adapts it and
     silently ignores it, as its own MultiheadAttention docstring warns). Warns when a fast path
     may skip it: nn.TransformerEncoderLayer's inference path (eval mode, batch_first, frozen
-    weights or no grad) hands `linear1/2.weight` to one fused kernel, in PEFT too; whether it
-    runs is decided per call, so a warning rather than a refusal."""
+    weights or no grad) hands `linear1/2.weight` and the attention's weights to one fused
+    kernel, in PEFT too; whether it runs is decided per call, so a warning, not a refusal."""
     parent, _, name = path.rpartition(".")
     owner = model.get_submodule(parent)
     if name == "out_proj" and isinstance(owner, nn.MultiheadAttention):
         why = ("is the out_proj of a MultiheadAttention, which reads `out_proj.weight` directly "
                "and never calls the module: an adapter there would never run")
-        hint = (f"exclude it (`except {name}` or `exclude {path}`); PEFT adapts a "
-                "MultiheadAttention's in_proj and out_proj only by targeting the attention itself")
+        hint = (f"target the MultiheadAttention `{parent}` itself: LoRA then adapts its in_proj "
+                f"and out_proj, as PEFT does; or exclude this one (`except {name}` or "
+                f"`exclude {path}`)")
         return why, hint
-    if name in ("linear1", "linear2") and isinstance(owner, nn.TransformerEncoderLayer):
+    if name in ("linear1", "linear2", "self_attn") and isinstance(owner, nn.TransformerEncoderLayer):
         warnings.warn(
             f"`{path}` is inside a TransformerEncoderLayer whose inference fast path (eval mode, "
             "batch_first, frozen weights or no grad) reads its weight directly: the adapter is "

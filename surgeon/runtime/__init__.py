@@ -11,6 +11,7 @@
     tokens.py       TokenWrapper: PEFT's trainable token rows
     wrappers.py     the protocol every wrapper implements, the one walk over them, activation
     rows.py         one adapter per batch row (mixed-adapter batches)
+    gathered.py     mixed-adapter LoRA batches as one gather-matmul per layer
     routing.py      the root hooks that route `model(..., adapter_names=...)` to the wrappers
     state.py        what adapters a model holds (State, Installed)
     transaction.py  prepare (read only) and commit (undoable) of an apply

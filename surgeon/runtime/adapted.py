@@ -15,6 +15,11 @@ compiled to plain functional calls on the parameters, cached per layer state
 disabled, runs its base layer alone. A merge or unmerge writes the weights first (the fold
 step, `surgeon.runtime.fold`), then takes the graph for the new state.
 
+A whole-module kind (`surgeon.layer_kinds.WHOLE_MODULE_KINDS`: a MultiheadAttention, which
+reads its own weights and takes key, value and masks) is not lowered: `forward` passes every
+argument to the method's `forward_module`, merges go through its `merge_module` /
+`unmerge_module`, and attributes the layer lacks are read from the module (as PEFT's layer).
+
 API (PEFT's layer API; each acts on this layer only, `surgeon.api` calls it on every layer):
     add_adapter(site) (inactive, frozen), set_adapter(names), enable_adapters(enabled),
     adapters_disabled(), delete_adapter(name), merge(adapter_names, safe_merge), unmerge(),
@@ -47,7 +52,7 @@ from surgeon.methods import runtime_of
 from surgeon.passes.merge import MergePass
 from surgeon.passes.unmerge import UnmergePass
 from surgeon.planning.site import Site
-from surgeon.runtime import fold
+from surgeon.runtime import fold, quantized
 from surgeon.runtime.forwards import Forwards
 from surgeon.runtime.method import MethodRuntime, shared_containers
 
@@ -63,6 +68,14 @@ def _lazy_run(layer: AdaptedLayer, *inputs: Any) -> torch.Tensor:
     """Stand-in forward after unpickling or invalidation: lower, then run."""
     layer.relower()
     return layer._run(layer, *inputs)
+
+
+def _module_call_graph() -> fx.Graph:
+    """What `graph_module` shows for a whole-module kind: the base module called on the input
+    (its forward substitutes the adapters' deltas, see `WHOLE_MODULE_KINDS`)."""
+    graph = fx.Graph()
+    graph.output(graph.call_module("base_layer", (graph.placeholder("x"),)))
+    return graph
 
 
 class AdaptedLayer(nn.Module):
@@ -95,6 +108,16 @@ class AdaptedLayer(nn.Module):
     @property
     def path(self) -> str:
         return next(iter(self.sites.values())).path if self.sites else "<empty>"
+
+    def __getattr__(self, name: str) -> Any:
+        """A whole-module kind answers for its module (host code reads an MHA's `batch_first`,
+        `in_proj_weight`, `out_proj`...), as PEFT's MultiheadAttention layer does."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if self.__dict__.get("kind") not in WHOLE_MODULE_KINDS:
+                raise
+        return getattr(self._modules["base_layer"], name)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -152,6 +175,7 @@ class AdaptedLayer(nn.Module):
                              f"{self.method.name}/{self.kind} layer at `{site.path}`.")
         if site.adapter in self.sites:
             raise ValueError(f"Adapter `{site.adapter}` already exists on `{site.path}`.")
+        quantized.check_supported(self.base_layer, site)
         self.sites[site.adapter] = site
         try:
             self.method.add(self, site)
@@ -252,9 +276,9 @@ class AdaptedLayer(nn.Module):
         if self.merged_adapters and all(a in self.merged_adapters for a in names):
             warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
         if self.kind in WHOLE_MODULE_KINDS:  # no `.weight`: the method folds the module
-            write = lambda: self.method.merge_module(self, names, safe_merge)  # noqa: E731
+            write = lambda: self.method.merge_module(self, names, safe_merge)
         else:
-            write = lambda: fold.merge_weights(self, names, safe_merge)  # noqa: E731
+            write = lambda: fold.merge_weights(self, names, safe_merge)
         self._change_state(write, MergePass())
 
     def unmerge(self) -> None:
@@ -333,12 +357,21 @@ class AdaptedLayer(nn.Module):
 
     def _select(self) -> None:
         """Use the forward for the current state, lowering it if needed."""
+        if self.kind in WHOLE_MODULE_KINDS:  # never lowered: the method calls the module
+            self.__dict__["_graph"], self.__dict__["_run"] = _module_call_graph(), _lazy_run
+            return
         lowered = self._forwards.lowered(self, self._key())
         self.__dict__["_graph"], self.__dict__["_run"] = lowered.graph, lowered.run
 
     def _change_state(self, write_weights: Callable[[], object], pass_: MergePass | UnmergePass) -> None:
         """A merge or unmerge: `write_weights` (the fold step), then the forward for the new
         state, cached or built by `pass_` from the current graph."""
+        if self.kind in WHOLE_MODULE_KINDS:
+            try:
+                write_weights()
+            finally:
+                self._select()
+            return
         if self._graph is None:
             self.relower()
         current, before = self._graph, self._key()
@@ -352,6 +385,8 @@ class AdaptedLayer(nn.Module):
 
     def train(self, mode: bool = True) -> AdaptedLayer:
         super().train(mode)
+        if mode:  # bitsandbytes' CPU eval repacking has no backward (runtime/quantized.py)
+            quantized.unpack(self.base_layer)
         self._select()
         return self
 

@@ -5,7 +5,8 @@ graph afterwards (`AdaptedLayer.merge` / `unmerge` run this, then take the graph
 state). The delta math is the method's (`MethodRuntime.fold` / `unfold` / `bias_delta`) on the
 out-major view of the weight (`surgeon.runtime.base_kinds`), so it is written once per method.
 
-Preconditions: the base weight is a plain floating-point Parameter (not quantised), and a
+Preconditions: the base weight is a plain floating-point Parameter or a bitsandbytes one (then
+dequantised, folded and quantised again as peft does, `runtime/quantized.py`), and a
 convolution has `groups == 1` (as PEFT's LoRA) unless the method says it merges grouped ones
 (`merges_grouped_conv`, IA3). A method whose merge scales the bias instead of adding to it
 (IA3) implements `fold_bias` / `unfold_bias`; others give `bias_delta`.
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from surgeon import distributed
+from surgeon.runtime import quantized
 from surgeon.runtime.base_kinds import CONV_KINDS, from_out_major, to_out_major
 
 if TYPE_CHECKING:
@@ -59,6 +61,8 @@ def check_mergeable(layer: MethodLayer) -> None:
     grouped_ok = getattr(layer.method, "merges_grouped_conv", False)  # optional, see method.py
     if layer.kind in CONV_KINDS and base.groups > 1 and not grouped_ok:
         raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
+    if quantized.quant_of(base) is not None:
+        return  # dequantised, folded, quantised again (runtime/quantized.py), as peft
     # a DTensor (FSDP2's shard) folds through DTensor ops: each rank writes exactly its rows
     plain = type(base.weight) is torch.nn.Parameter or distributed.is_dtensor(base.weight)
     if not plain or not base.weight.dtype.is_floating_point:
@@ -78,7 +82,7 @@ def fold_adapter(layer: MethodLayer, adapter: str, safe_merge: bool) -> None:
     """Write `adapter` into the base weight (and bias) and record it as merged."""
     check_mergeable(layer)
     base, kind = layer.base_layer, layer.kind
-    weight = base.weight
+    weight = _read(base)
     operand = distributed.fold_operand(weight.detach(), layer.adapter_parameters(adapter))
     current = to_out_major(operand, kind).to(accumulation_dtype(weight))
     merged = layer.method.fold(layer, adapter, current, unmerged_weight(layer, current))
@@ -89,7 +93,7 @@ def fold_adapter(layer: MethodLayer, adapter: str, safe_merge: bool) -> None:
         raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be "
                          "broken")
     with torch.no_grad():
-        weight.copy_(distributed.place(weight, new_weight))  # a shard: this rank's rows
+        _write(base, weight, new_weight)
         if new_bias is not None:
             base.bias.copy_(new_bias)
     layer.merged_adapters.append(adapter)
@@ -98,15 +102,28 @@ def fold_adapter(layer: MethodLayer, adapter: str, safe_merge: bool) -> None:
 def unfold_adapter(layer: MethodLayer, adapter: str) -> None:
     """Subtract `adapter` (the newest merged one) from the base weight and bias."""
     base, kind = layer.base_layer, layer.kind
-    weight = base.weight
+    weight = _read(base)
     operand = distributed.fold_operand(weight.detach(), layer.adapter_parameters(adapter))
     current = to_out_major(operand, kind).to(accumulation_dtype(weight))
     restored = layer.method.unfold(layer, adapter, current)
     new_bias = _new_bias(layer, adapter, -1)
     with torch.no_grad():
-        weight.copy_(distributed.place(weight, from_out_major(restored, kind, weight.shape).to(weight.dtype)))
+        _write(base, weight, from_out_major(restored, kind, weight.shape).to(weight.dtype))
         if new_bias is not None:
             base.bias.copy_(new_bias)
+
+
+def _read(base: torch.nn.Module) -> torch.Tensor:
+    """The base weight to fold into: itself, or a bitsandbytes weight dequantised."""
+    return base.weight if quantized.quant_of(base) is None else quantized.float_weight(base)
+
+
+def _write(base: torch.nn.Module, weight: torch.Tensor, new: torch.Tensor) -> None:
+    """In place (tied weights follow; a shard takes this rank's rows), or quantised anew."""
+    if quantized.quant_of(base) is None:
+        weight.copy_(distributed.place(weight, new))
+    else:
+        quantized.write_weight(base, new)
 
 
 def _new_bias(layer: MethodLayer, adapter: str, sign: int) -> torch.Tensor | None:

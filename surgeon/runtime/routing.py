@@ -28,10 +28,13 @@ def _take_adapter_names(module: nn.Module, args, kwargs):
     return args, kwargs
 
 
+_ROUTED_CACHE = "surgeon_routed_wrappers"  # (State, wrappers) of the last walk
+
+
 def _clear_adapter_names(module: nn.Module, args, kwargs, output):
     # Runs after every forward: only walk the model when the pre-hook routed rows, so a plain
     # call (decode) pays one attribute read, not a traversal of every submodule.
-    if getattr(module, ROUTED_ATTR, False):
+    if module.__dict__.get(ROUTED_ATTR, False):
         setattr(module, ROUTED_ATTR, False)
         route_rows(module, None)
 
@@ -45,8 +48,21 @@ def route_rows(module: nn.Module, names: Sequence[str] | None) -> None:
         known = list(state.names if state else ())
         if unknown := sorted(set(names) - {BASE, *known}):
             raise ValueError(f"unknown adapter(s) in adapter_names: {unknown}; has {known}, `{BASE}`")
-    for _, wrapper in wrappers(module):
+    for wrapper in _routed(module):
         wrapper.adapter_names = names
+
+
+def _routed(module: nn.Module) -> list[nn.Module]:
+    """The wrappers under `module`, walked once per State: every change to the set of wrappers
+    (apply, load, delete, unload) replaces the model's State, so the walk (about 1 ms on a small
+    model, twice per mixed-batch call) is redone exactly when it could differ."""
+    state = state_of(module)
+    cached = module.__dict__.get(_ROUTED_CACHE)
+    if state is None or cached is None or cached[0] is not state:
+        cached = (state, [w for _, w in wrappers(module)])
+        if state is not None:
+            module.__dict__[_ROUTED_CACHE] = cached
+    return cached[1]
 
 
 def install_hooks(model: nn.Module) -> Callable[[], None]:

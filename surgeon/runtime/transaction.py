@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from surgeon.lang.spec import Spec
+from surgeon.methods import runtime_of
 from surgeon.planning.select import PlanError
 from surgeon.planning.site import Site
-from surgeon.methods import runtime_of
 from surgeon.runtime.adapted import AdaptedLayer
 from surgeon.runtime.method import shared_containers
 from surgeon.runtime.routing import BASE, install_hooks
@@ -104,16 +104,31 @@ def prepare(spec: Spec, model: nn.Module, *, example_inputs=None) -> Prepared:
     _check_names(spec, state)
     the_plan = make_plan(spec, base_view(model), example_inputs=example_inputs)
     prepared = Prepared()
-    for ap in the_plan.adapters:
-        prepared.adapters += (Installed(ap.adapter, ap.sites, ap.save, tokens=ap.tokens),)
-        shared = _prepare_shared(model, ap.name, ap.sites, prepared)
-        for site in ap.sites:
-            _prepare_site(model, site, prepared, shared)
-        for path in ap.save:
-            _prepare_saved(model, path, ap.name, prepared)
-        for path, indices in ap.tokens:
-            _prepare_tokens(model, path, ap.name, indices, prepared)
+    try:
+        for ap in the_plan.adapters:
+            prepared.adapters += (Installed(ap.adapter, ap.sites, ap.save, tokens=ap.tokens),)
+            shared = _prepare_shared(model, ap.name, ap.sites, prepared)
+            for site in ap.sites:
+                _prepare_site(model, site, prepared, shared)
+            for path in ap.save:
+                _prepare_saved(model, path, ap.name, prepared)
+            for path, indices in ap.tokens:
+                _prepare_tokens(model, path, ap.name, indices, prepared)
+    except BaseException:
+        discard(prepared)
+        raise
     return prepared
+
+
+def discard(prepared: Prepared) -> None:
+    """Take every adapter out of the layers this prepare built. A method may have changed the
+    base module while building (LoRA on a MultiheadAttention nests its out_proj adapter inside
+    the MHA, at PEFT's key path); removing the adapters undoes that, so a failed apply leaves
+    the host model exactly as it was. Call after a failed prepare or a rolled-back commit."""
+    for wrapper in prepared.new.values():
+        if isinstance(wrapper, AdaptedLayer):
+            for name in list(wrapper.sites):
+                wrapper.method.remove(wrapper, name)
 
 
 def _module_at(model: nn.Module, path: str, prepared: Prepared) -> nn.Module:

@@ -44,3 +44,10 @@ def test_bench_smoke_reports_every_case():
                    "merged_decode_overhead", "train_step_ms"):
         assert {"surgeon", "peft"} <= set(full[metric]), metric
     assert "surgeon/peft" in proc.stdout
+
+
+def test_mixed_batch_bench_smoke_agrees_with_peft():
+    proc = run("bench/mixed_batch.py", "--smoke")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["results"] and all(r["max_abs_diff"] < 1e-4 for r in report["results"]), report

@@ -213,10 +213,10 @@ def test_unsupported_layers_name_the_module_and_the_supported_kinds():
     assert str(caught.value).startswith("<spec>:2:3: error:")
     with pytest.raises(PlanError, match=r"`model.norm` \(LlamaRMSNorm\) cannot be adapted"):
         plan("adapter default = lora() { target model.norm }", llama)
-    with pytest.raises(PlanError, match=r"`attn` \(MultiheadAttention\) cannot be adapted"):
+    with pytest.raises(PlanError, match=r"`rnn` \(LSTM\) cannot be adapted"):
         model = nn.Sequential()
-        model.add_module("attn", nn.MultiheadAttention(8, 2))
-        plan(_adapter(Target(Selection((Name("attn"),)))), model)
+        model.add_module("rnn", nn.LSTM(8, 8))
+        plan(_adapter(Target(Selection((Name("rnn"),)))), model)
 
 
 def test_methods_without_a_runtime_are_not_applied_yet():

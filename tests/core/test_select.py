@@ -146,4 +146,4 @@ def test_kind_of():
     assert kinds["stages.0.bn"] is None and kinds["stages"] is None
     gpt2 = tiny_models()["gpt2"]
     assert kind_of(gpt2.get_submodule("transformer.h.0.attn.c_attn")) == "Conv1D"
-    assert kind_of(nn.MultiheadAttention(8, 2)) is None
+    assert kind_of(nn.MultiheadAttention(8, 2)) == "MultiheadAttention"

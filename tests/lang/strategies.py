@@ -113,6 +113,8 @@ def options(draw, method: str) -> tuple[Option, ...]:
     found = {f.name: draw(values_of(f.kind) | (st.none() if f.nullable else st.nothing())) for f in chosen}
     if method == "adalora":
         found["total_step"] = draw(st.integers(1, 10_000))
+    if method == "oft":  # PEFT's rule: exactly one of r / oft_block_size is non-zero
+        found.update(zip(("r", "oft_block_size"), draw(st.sampled_from(((0, 8), (4, 0))))))
     return tuple(Option(n, found[n]) for n in vocab.canonical_order(method) if n in found)
 
 

@@ -17,6 +17,7 @@ peft = pytest.importorskip("peft")
 CONFIGS = {
     "lora": peft.LoraConfig, "ia3": peft.IA3Config, "adalora": peft.AdaLoraConfig,
     "loha": peft.LoHaConfig, "lokr": peft.LoKrConfig,
+    "vera": peft.VeraConfig, "oft": peft.OFTConfig, "hra": peft.HRAConfig,
 }
 
 

@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
-
 from surgeon.passes.insert_adapters import lower_graph
+
 from surgeon.runtime import gathered
 from surgeon.runtime.adapted import AdaptedLayer
 from surgeon.runtime.graph import tag

@@ -317,8 +317,8 @@ def test_str_targets_are_regexes_and_all_linear_is_all_linear():
 def test_unknown_fields_and_methods_are_named():
     with pytest.raises(ConversionError, match="`lora_alpah` is not a field .* did you mean `lora_alpha`"):
         spec_from_peft_config({"peft_type": "LORA", "lora_alpah": 8})
-    with pytest.raises(ConversionError, match="'VERA' is not supported"):
-        spec_from_peft_config({"peft_type": "VERA"})
+    with pytest.raises(ConversionError, match="'PROMPT_TUNING' is not supported"):
+        spec_from_peft_config({"peft_type": "PROMPT_TUNING"})
     with pytest.raises(ConversionError, match="no `peft_type`"):
         spec_from_peft_config({"r": 8})
 

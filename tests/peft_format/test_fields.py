@@ -6,14 +6,15 @@ import json
 import warnings
 
 import pytest
-from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig
+from peft import AdaLoraConfig, HRAConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, VeraConfig
 
 from surgeon.lang.spec import Adapter
 from surgeon.peft_format.config import peft_config_from_adapter
 from surgeon.peft_format.fields import default_of, peft_fields, role_of, same_value, selectors
 
 CLASSES = {"lora": LoraConfig, "ia3": IA3Config, "adalora": AdaLoraConfig, "loha": LoHaConfig,
-           "lokr": LoKrConfig}
+           "lokr": LoKrConfig, "vera": VeraConfig,
+           "oft": OFTConfig, "hra": HRAConfig}
 REQUIRED = {"adalora": {"total_step": 1}}
 
 

@@ -34,6 +34,12 @@ if TYPE_CHECKING:
     from surgeon.runtime.graph import LayerView
 
 KIND = "MultiheadAttention"
+# PEFT 0.21 adds the out_proj delta twice: `MultiheadAttention.merge` writes `W + dW` into
+# out_proj and then calls the nested `lora.Linear.merge`, which adds `dW` again (its unmerge
+# subtracts both; huggingface/peft#3774, open). Its forward merges for every call, so PEFT-trained
+# adapters were trained with `W + 2 dW`: to give their outputs, surgeon does the same. Set to 1
+# when PEFT's fix is released.
+PEFT_OUT_PROJ_TIMES = 2
 OUT_PROJ = "base_layer.out_proj"  # where PEFT nests the out_proj adapter, below the MHA layer
 
 
@@ -113,8 +119,9 @@ def forward(layer: LayerView, query: torch.Tensor, *args: Any, **kwargs: Any) ->
         for adapter in ins:
             w_in = w_in + delta(layer, adapter, w_in.dtype)
         w_out = nested.base_layer.weight
-        for adapter in outs:
-            w_out = w_out + nested.delta_weight(adapter).to(w_out.dtype)
+        for adapter in outs:  # PEFT's extra copy is written through `.data`: no gradient
+            once = delta(nested, adapter, w_out.dtype)
+            w_out = w_out + once + (PEFT_OUT_PROJ_TIMES - 1) * once.detach()
         swapped = {"in_proj_weight": w_in, "out_proj.base_layer.weight": w_out}
         result = torch.func.functional_call(base, swapped, (query, *args), kwargs)
     dtype = query.dtype
@@ -122,9 +129,11 @@ def forward(layer: LayerView, query: torch.Tensor, *args: Any, **kwargs: Any) ->
 
 
 def merge_weights(layer: LayerView, adapters: list[str], safe_merge: bool) -> bool:
-    """Fold each not-yet-merged adapter's in_proj delta into `in_proj_weight`, in place."""
+    """PEFT's `MultiheadAttention.merge`: each not-yet-merged adapter's in_proj delta into
+    `in_proj_weight`, its out_proj half merged (the nested layer) plus PEFT's extra copy."""
     todo = [a for a in adapters if a in layer.sites and a not in layer.merged_adapters]
     weight = layer.base_layer.in_proj_weight
+    nested = layer.base_layer.out_proj
     for adapter in todo:
         with torch.no_grad():
             new = weight.detach() + delta(layer, adapter, weight.dtype)
@@ -133,15 +142,34 @@ def merge_weights(layer: LayerView, adapters: list[str], safe_merge: bool) -> bo
                                  "seems to be broken")
             weight.copy_(new)
         layer.merged_adapters.append(adapter)
+        if adapter not in nested.merged_adapters:
+            nested.merge([adapter], safe_merge)
+        _extra_out_proj(nested, adapter, 1)
     return bool(todo)
 
 
 def unmerge_weights(layer: LayerView) -> bool:
-    """Subtract every merged in_proj delta, newest first."""
+    """PEFT's `MultiheadAttention.unmerge`: every merged adapter out, newest first, then the
+    out_proj half's own unmerge."""
     unfolded = bool(layer.merged_adapters)
     weight = layer.base_layer.in_proj_weight
+    nested = layer.base_layer.out_proj
     while layer.merged_adapters:
+        adapter = layer.merged_adapters[-1]
+        _extra_out_proj(nested, adapter, -1)
         with torch.no_grad():
-            weight.sub_(delta(layer, layer.merged_adapters[-1], weight.dtype))
+            weight.sub_(delta(layer, adapter, weight.dtype))
         layer.merged_adapters.pop()
+    if nested.merged_adapters:
+        nested.unmerge()
     return unfolded
+
+
+def _extra_out_proj(nested: nn.Module, adapter: str, sign: int) -> None:
+    """Add (`sign` 1) or take out (-1) the copies of the out_proj delta PEFT adds beyond one."""
+    if PEFT_OUT_PROJ_TIMES == 1:
+        return
+    out = nested.base_layer.weight
+    extra = (PEFT_OUT_PROJ_TIMES - 1) * nested.delta_weight(adapter).float()
+    with torch.no_grad():
+        out.copy_((out.float() + sign * extra).to(out.dtype))

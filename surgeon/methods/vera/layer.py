@@ -35,7 +35,8 @@ KINDS = ("Linear", "Conv1D")
 
 
 class VeraError(UserError, ValueError):
-    """A VeRA adapter that cannot join the model's existing ones (PEFT refuses the same)."""
+    """What PEFT's VeRA refuses too: an adapter whose projections cannot join the model's
+    existing ones, or mixed-adapter batches."""
 
 
 class Projections(nn.Module):
@@ -115,13 +116,23 @@ class Vera:
                             "(`save_projection` differs from the model's existing VeRA adapters).")
         shared = {n: old[n].copy(persistent) if n in old else Projections(persistent)
                   for n in self.shared_containers}
-        n_out, n_in = _largest(sites, bases)
-        generator = torch.Generator(device="cpu").manual_seed(int(site.option("projection_prng_key", 0)))
-        vera_a = kaiming((site.r, n_in), generator)
-        vera_b = kaiming((n_out, site.r), generator)
-        device = main_weight(bases[0], site.kind).device
-        shared["vera_A"][adapter] = vera_a.to(device)
-        shared["vera_B"][adapter] = vera_b.to(device)
+        if len(shared["vera_A"]):
+            # PEFT draws the pair once per model; later adapters reuse the first one's tensors
+            first = next(iter(shared["vera_A"]))
+            vera_a, vera_b = shared["vera_A"][first], shared["vera_B"][first]
+            if vera_a.shape[0] != site.r:  # PEFT accepts a smaller r, then fails in forward
+                raise VeraError(f"VeRA adapter `{adapter}` has r={site.r} but the model's shared "
+                                f"projections have r={vera_a.shape[0]}: every VeRA adapter of a "
+                                "model uses the first one's projections, so r must be equal.")
+        else:
+            n_out, n_in = _largest(sites, bases)
+            seed = int(site.option("projection_prng_key", 0))
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            device = main_weight(bases[0], site.kind).device
+            vera_a = kaiming((site.r, n_in), generator).to(device)
+            vera_b = kaiming((n_out, site.r), generator).to(device)
+        shared["vera_A"][adapter] = vera_a
+        shared["vera_B"][adapter] = vera_b
         return shared
 
     def add(self, layer: LayerView, site: Site) -> None:
@@ -155,7 +166,7 @@ class Vera:
         return in_out_features(base, site.kind)[1] + site.r
 
     def check_mixed(self, layer: LayerView, adapter: str) -> None:
-        raise ValueError(f"`adapter_names` (one adapter per batch row) is not supported by VeRA "
+        raise VeraError(f"`adapter_names` (one adapter per batch row) is not supported by VeRA "
                          f"adapters (`{layer.path}`), as in PEFT; use `set_adapter` per batch.")
 
     def emit(self, b: Builder, adapter: str, prev: fx.Node, rows: fx.Node | None) -> fx.Node:

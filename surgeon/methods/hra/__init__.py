@@ -1,0 +1,1 @@
+"""HRA: Householder reflection adaptation, r reflections of a layer's input space."""

@@ -1,0 +1,1 @@
+"""OFT: orthogonal fine-tuning, block-diagonal Cayley rotations of a layer's input."""

@@ -1,0 +1,159 @@
+"""OFT against PEFT 0.21 (the oracle), with the LoHa suite's harness (`tests.methods.test_loha`).
+
+Both directions (PEFT checkpoint -> surgeon, surgeon -> PEFT), merged vs unmerged vs PEFT merged
+(unmerge through the inverse rotation), seeded init and training steps (COFT's in-place
+projection included), two adapters switching, on PEFT's MLP and tiny Llama and BERT. OFT's
+forward rotates the input (`x R`), never the weight: checked against the math directly too.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from peft import OFTConfig, PeftModel, get_peft_model
+from torch import nn
+
+import surgeon
+import surgeon.api as S
+from surgeon.errors import UserError
+from surgeon.runtime.wrappers import adapted_layers
+from tests.methods import test_loha as harness
+from tests.methods.test_loha import (
+    check_init,
+    check_roundtrip,
+    check_switching,
+    check_training,
+    diff,
+    output,
+    quiet,
+)
+from tests.models import CASES
+
+OFT_R = ("oft_R",)
+TARGETS = {
+    "mlp": ["seq.0", "seq.2", "seq.4"],
+    "llama": ["q_proj", "v_proj", "down_proj"],
+    "bert": ["query", "value", "dense"],
+}
+CONFIGS = {
+    "blocks": {"oft_block_size": 4},
+    "rank": {"r": 2, "oft_block_size": 0},
+    "adjusted": {"oft_block_size": 6},  # does not divide 20 or 32: PEFT adjusts it per layer
+    "share": {"oft_block_size": 4, "block_share": True},
+    "solve": {"oft_block_size": 4, "use_cayley_neumann": False},
+    "neumann3": {"oft_block_size": 8, "num_cayley_neumann_terms": 3},
+    "coft": {"oft_block_size": 4, "coft": True, "eps": 1e-3},
+}
+ROUNDTRIPS = [("mlp", "blocks"), ("mlp", "rank"), ("mlp", "adjusted"), ("mlp", "share"),
+              ("mlp", "solve"), ("mlp", "neumann3"), ("llama", "blocks"), ("bert", "rank")]
+
+
+_SAVE = S.save_pretrained  # as shipped, before the fixture below wraps it
+
+
+@pytest.fixture(autouse=True)
+def peft_version_written(monkeypatch):
+    """surgeon writes `"peft_version": null`, which PEFT 0.21's OFTConfig.check_kwargs cannot
+    read when use_cayley_neumann is on (`None.partition`); until the writer states a version
+    (`test_surgeon_checkpoint_loads_in_peft_as_written`), the suite fills it in after saving."""
+    def save_with_version(model, folder, *args, **kwargs):
+        _SAVE(model, folder, *args, **kwargs)
+        for config in Path(folder).rglob("adapter_config.json"):
+            data = json.loads(config.read_text())
+            data["peft_version"] = data["peft_version"] or peft.__version__
+            config.write_text(json.dumps(data))
+
+    monkeypatch.setattr(S, "save_pretrained", save_with_version)
+
+
+@pytest.fixture(autouse=True)
+def small_rotations(monkeypatch):
+    """The harness's random adapter values at scale 0.05 (not 0.4): with 0.4 the truncated
+    Neumann series is far from a rotation and outputs reach the hundreds, where fp32 rounding
+    alone exceeds the harness's absolute tolerance."""
+    randomize = harness.randomize
+    monkeypatch.setattr(harness, "randomize", lambda model, prefixes, seed=7, scale=0.4:
+                        randomize(model, prefixes, seed, scale / 8))
+
+
+@pytest.mark.xfail(strict=True, raises=AttributeError,
+                   reason="surgeon writes peft_version null (surgeon/peft_format/fields.py default_of)")
+def test_surgeon_checkpoint_loads_in_peft_as_written(tmp_path: Path):
+    base = CASES["mlp"].build()
+    ours = copy.deepcopy(base)
+    surgeon.apply("adapter default = oft(oft_block_size=4) { target seq.0 }", ours)
+    _SAVE(ours, tmp_path)
+    PeftModel.from_pretrained(base, tmp_path)
+
+
+def oft(case: str, name: str, **extra) -> OFTConfig:
+    return OFTConfig(target_modules=TARGETS[case], **{**CONFIGS[name], **extra})
+
+
+@pytest.mark.parametrize("case,name", ROUNDTRIPS, ids=lambda v: v)
+def test_roundtrip_and_merge(case: str, name: str, tmp_path: Path):
+    check_roundtrip(CASES[case], oft(case, name), OFT_R, tmp_path)
+
+
+@pytest.mark.parametrize("init", [True, False])
+@pytest.mark.parametrize("name", ["blocks", "share"])
+def test_initialisation_matches_peft(name: str, init: bool):
+    check_init(CASES["mlp"], oft("mlp", name, init_weights=init))
+
+
+@pytest.mark.parametrize("case,name", [("mlp", "blocks"), ("mlp", "coft"), ("llama", "share")])
+def test_training_steps_match_peft(case: str, name: str):
+    check_training(CASES[case], oft(case, name, init_weights=False), OFT_R)
+
+
+def test_two_adapters_switch_as_peft(tmp_path: Path):
+    configs = (oft("mlp", "blocks"), OFTConfig(target_modules=["seq.2"], r=4, oft_block_size=0))
+    check_switching(CASES["mlp"], configs, OFT_R, tmp_path)
+
+
+def test_forward_rotates_the_input():
+    """The graph applies `x R` before the base call (no weight-sized product) and equals
+    `base(x @ blockdiag(R))` computed by hand."""
+    from surgeon.methods.oft.layer import METHOD, rotate_input
+
+    model = nn.Sequential(nn.Linear(8, 5))
+    surgeon.apply("adapter a = oft(oft_block_size=4, init=false) { target \"0\" }", model)
+    layer = model[0]
+    targets = [n.target for n in layer.graph_module.graph.nodes if n.op == "call_function"]
+    assert rotate_input in targets
+    x = torch.randn(3, 8)
+    rot = METHOD._matrix(layer, "a")
+    assert not torch.allclose(rot, torch.eye(8))
+    torch.testing.assert_close(rot @ rot.T, torch.eye(8), atol=1e-2, rtol=0)  # near-orthogonal
+    expected = nn.functional.linear(x @ rot, layer.base_layer.weight, layer.base_layer.bias)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_classic_placement_is_peft_default(tmp_path: Path):
+    ctx = quiet()
+    try:
+        base = CASES["llama"].build()
+        pm = get_peft_model(copy.deepcopy(base), OFTConfig(oft_block_size=8))
+        ours = copy.deepcopy(base)
+        surgeon.apply("adapter default = oft(oft_block_size=8, init=false) { }", ours)
+        targets = {n.removeprefix("base_model.model.") for n in pm.targeted_module_names}
+        assert {n for n, _ in adapted_layers(ours)} == targets
+        S.save_pretrained(ours, tmp_path)
+        back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+        assert diff(output(CASES["llama"], back), output(CASES["llama"], ours)) <= 1e-5
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_refuses_what_peft_refuses():
+    with pytest.raises(UserError, match="either r"):
+        surgeon.load_spec("adapter a = oft(r=2) { target seq.0 }")  # oft_block_size defaults to 32
+    with pytest.raises(UserError, match="must be non-zero"):
+        surgeon.load_spec("adapter a = oft(oft_block_size=0) { target seq.0 }")
+    with pytest.raises(UserError, match="adapts only Linear layers so far"):
+        surgeon.apply("adapter a = oft(oft_block_size=3) { target conv1 }", CASES["convnet"].build())
