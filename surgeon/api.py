@@ -31,6 +31,7 @@ from surgeon.integrations import transformers as hf
 from surgeon.lang.spec import Spec
 from surgeon.peft_format import checkpoint as pf
 from surgeon.peft_format import files
+from surgeon.runtime import quantized
 from surgeon.runtime.base_kinds import main_weight
 from surgeon.runtime.precision import HALF, autocast_adapters, warn_if_tied
 from surgeon.runtime.routing import remove_hooks, route_rows
@@ -102,6 +103,7 @@ def apply(spec: Spec | str | os.PathLike, model: nn.Module, *, example_inputs=No
     try:
         commit(host, prepared, tx)
         autocast_adapters(host, [a.name for a in spec.adapters])
+        quantized.keep_trainable(host)  # bitsandbytes 4-bit: eval must not cut gradients
     except BaseException:
         tx.rollback()
         discard(prepared)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -165,7 +166,12 @@ def meta_copy(model: nn.Module) -> nn.Module:
         if isinstance(tensor, nn.Parameter):
             empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
         memo[id(tensor)] = empty
-    return copy.deepcopy(model, memo)
+    copied = copy.deepcopy(model, memo)
+    if "bitsandbytes" in sys.modules:  # quantised layers trace as their float twins
+        from surgeon.runtime.quantized import float_stand_ins
+
+        float_stand_ins(copied)
+    return copied
 
 
 def _export(meta: nn.Module, inputs: ExampleInputs, use_blocks: bool, frontend: str) -> Capture:

@@ -47,6 +47,10 @@ SELECTOR_DEFAULTS: dict[str, object] = {
 }
 
 
+# The PEFT release whose file format surgeon writes (peft_version in adapter_config.json).
+PEFT_FORMAT_VERSION = "0.21.0"
+
+
 def peft_fields(method: str) -> tuple[str, ...]:
     """Every field of `method`'s PEFT config class, in `to_dict()` order."""
     return registry.config_of(method).peft_fields
@@ -98,6 +102,8 @@ def default_of(method: str, name: str):
     config = registry.config_of(method)
     if name == "peft_type":
         return config.peft_type
+    if name == "peft_version":  # PEFT's loaders read it (OFT's check_kwargs fails on null)
+        return PEFT_FORMAT_VERSION
     if name in BOOKKEEPING:
         return None
     if name in SELECTOR_DEFAULTS and not _is_option(method, name):

@@ -58,7 +58,7 @@ def peft_config_from_adapter(adapter: Adapter) -> dict:
 
     Returns:
         Every field of the method's PEFT config class in `to_dict()` order; unstated options
-        take PEFT's defaults; `peft_version` is None (PEFT fills it in when it loads the file).
+        take PEFT's defaults; `peft_version` is the PEFT format written (PEFT_FORMAT_VERSION).
     Raises:
         NeedsModelError: a selector only the model can resolve (module type, role, `within`,
             `except`, layer restrictions that differ between targets, negative or open layer

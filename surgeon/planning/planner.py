@@ -372,7 +372,7 @@ class _Planner:
         if bias == "all":  # PEFT: every parameter named `bias`, except a saved module's frozen original
             total += sum(p.numel() for n, p in model.named_parameters()
                          if n.rpartition(".")[2] == "bias" and not _inside(n, save))
-        elif bias == "lora_only":
+        elif bias.endswith("_only"):  # lora_only, vera_only, oft_only, ...
             own = (dict(self.resolver.modules[s.path].named_parameters(recurse=False)) for s in sites)
             total += sum(params["bias"].numel() for params in own if "bias" in params)
         return total

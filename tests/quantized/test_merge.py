@@ -17,6 +17,7 @@ from peft import LoraConfig, get_peft_model
 
 import surgeon.api as S
 from surgeon.errors import UserError
+from surgeon.runtime import quantized
 from surgeon.runtime.quantized import QuantizedBaseError
 from tests.quantized.common import QUANTS, llama_dir, load, logits  # noqa: F401
 
@@ -45,6 +46,8 @@ def test_merge_and_unmerge_match_peft(llama_dir, tmp_path, quant):
     ours = load(llama_dir, quant, keep=True)
     S.load_adapter(ours, tmp_path)
     torch.testing.assert_close(logits(ours), unmerged, rtol=0, atol=1e-5)
+    theirs_q, ours_q = pm.base_model.model.model.layers[0].self_attn.q_proj, ours.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(ours_q.delta_weight("default"), theirs_q.get_delta_weight("default"))
     _quiet(S.merge, ours)
     merged = logits(ours)
     torch.testing.assert_close(merged, peft_merged, rtol=0, atol=1e-5)
@@ -72,3 +75,44 @@ def test_what_peft_cannot_build_is_refused_before_any_change(llama_dir, quant, s
     assert isinstance(info.value, UserError)
     assert not any("lora_" in n or "hada_" in n or "lokr_" in n for n, _ in model.named_parameters())
     torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def _math_delta(layer, weight: torch.Tensor) -> torch.Tensor:
+    """peft's merge delta of q_proj, from the formulas: IA3 scales output rows; AdaLoRA adds
+    `B @ (A * E) * scaling / (ranknum + 1e-5)`."""
+    if "default" in layer._modules.get("ia3_l", {}):
+        return weight * layer.ia3_l["default"].float().view(-1, 1) - weight
+    a, b, e = (layer._modules[n]["default"].float() for n in ("lora_A", "lora_B", "lora_E"))
+    return b @ (a * e) * layer.sites["default"].scaling / (layer.ranknum["default"].float() + 1e-5)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+@pytest.mark.parametrize("spec", [
+    "ia3(init=false) { target q_proj, v_proj, down_proj  feedforward down_proj }",
+    "adalora(init_r=4, target_r=2, total_step=10, init=false) { target q_proj, v_proj }",
+])
+def test_methods_peft_cannot_merge_into_bnb_merge_within_the_quantiser_error(llama_dir, quant, spec):
+    """peft 0.21's IA3 and AdaLoRA bnb layers have no merge; surgeon's fold is method-generic.
+    Math: merged logits equal unmerged ones up to the quantiser's rounding, and unmerge
+    (quantised once more) comes back as close."""
+    torch.manual_seed(0)
+    model = S.apply(f"adapter default = {spec}", load(llama_dir, quant, keep=True))
+    with torch.no_grad():  # a small adapter, as after real training
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.05 * (p - 1))
+            elif "lora_B" in name:
+                p.mul_(0.05)
+    unmerged = logits(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    before = quantized.float_weight(layer.base_layer).float()
+    delta = _math_delta(layer, before)
+    target, delta_norm = before + delta, delta.norm()
+    _quiet(S.merge, model)
+    # the delta went in: what is left is the quantiser's rounding, well under the delta itself
+    assert (quantized.float_weight(layer.base_layer) - target).norm() < 0.5 * delta_norm
+    bound = 0.03 if quant == "int8" else 0.25
+    assert ((logits(model) - unmerged).norm() / unmerged.norm()).item() < bound
+    _quiet(S.unmerge, model)
+    assert ((logits(model) - unmerged).norm() / unmerged.norm()).item() < bound

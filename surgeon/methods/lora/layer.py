@@ -227,8 +227,9 @@ class Lora:
     def delta_weight(self, layer: LayerView, adapter: str) -> torch.Tensor:
         if layer.kind == mha.KIND:
             return mha.delta(layer, adapter, layer.base_layer.in_proj_weight.dtype)
-        weight = layer.base_layer.weight
-        delta = from_out_major(delta_out_major(layer, adapter), layer.kind, weight.shape)
+        delta = delta_out_major(layer, adapter)
+        if layer.kind != "Linear":  # Linear is out-major; a bitsandbytes one's weight is packed
+            delta = from_out_major(delta, layer.kind, layer.base_layer.weight.shape)
         return delta.to(factors(layer, adapter)[1].dtype)
 
     def fold(self, layer: LayerView, adapter: str, weight: torch.Tensor,
