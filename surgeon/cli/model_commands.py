@@ -137,7 +137,8 @@ def run_roles(args: argparse.Namespace) -> int:
     roles = infer_roles(loaded.model, example_inputs=loaded.example_inputs)
     modules = dict(loaded.model.named_modules())
     rows = [{"path": path, "kind": kind_of(modules[path]) or type(modules[path]).__name__,
-             "shape": _shape(modules[path]), "role": str(role), "evidence": role.evidence}
+             "shape": _shape(modules[path]), "role": str(role), "evidence": role.evidence,
+             "uncertain": role.uncertain}
             for path, role in roles.items()]
     if args.json:
         print_json({"model": loaded.name, "layers": rows})
@@ -147,13 +148,16 @@ def run_roles(args: argparse.Namespace) -> int:
 
 
 def _shape(module) -> str:
-    weight = module.weight
+    from surgeon.layer_kinds import kind_of
+
+    weight = main_weight(module, kind_of(module))
     return "x".join(str(n) for n in weight.shape)
 
 
 def _print_roles(rows: list[dict], name: str) -> None:
     table = [("path", "kind", "shape", "role", "evidence")] + [
-        (r["path"], r["kind"], r["shape"], "@" + r["role"], r["evidence"])
+        (r["path"], r["kind"], r["shape"], "@" + r["role"] + ("?" if r["uncertain"] else ""),
+         r["evidence"] + (f" [uncertain: {r['uncertain']}]" if r["uncertain"] else ""))
         for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     for row in table:
