@@ -115,3 +115,24 @@ class MethodLayer(LayerView, Protocol):
     need (they call the method). `AdaptedLayer` implements it."""
 
     method: MethodRuntime
+
+
+class AdditiveMerge:
+    """The merge half of a method whose delta is one out-major matrix added to the weight
+    (AdaLoRA, VeRA, ...): subclasses define `_out_major(layer, adapter)`, in at least fp32."""
+
+    def _out_major(self, layer: LayerView, adapter: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fold(self, layer: LayerView, adapter: str, weight: torch.Tensor,
+             unmerged: torch.Tensor) -> torch.Tensor:
+        return weight + self._out_major(layer, adapter).to(weight.dtype)
+
+    def unfold(self, layer: LayerView, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight - self._out_major(layer, adapter).to(weight.dtype)
+
+    def bias_delta(self, layer: LayerView, adapter: str) -> torch.Tensor | None:
+        return None
+
+    def clear_caches(self, layer: LayerView) -> None:
+        pass

@@ -24,6 +24,7 @@ from torch import fx, nn
 from surgeon.errors import UserError
 from surgeon.lang.values import Table
 from surgeon.runtime.base_kinds import in_out_features
+from surgeon.runtime.method import AdditiveMerge
 
 if TYPE_CHECKING:
     from surgeon.planning.site import Site
@@ -60,7 +61,7 @@ def kept_rank(site: Site) -> int:
     return site.r
 
 
-class AdaLora:
+class AdaLora(AdditiveMerge):
     """The `adalora` method's runtime (`surgeon.runtime.method.MethodRuntime`)."""
 
     name = "adalora"
@@ -156,19 +157,6 @@ class AdaLora:
         if layer.kind == "Conv1D":
             return delta.t()
         return delta.reshape(layer.base_layer.weight.shape)
-
-    def fold(self, layer: LayerView, adapter: str, weight: torch.Tensor,
-             unmerged: torch.Tensor) -> torch.Tensor:
-        return weight + self._out_major(layer, adapter).to(weight.dtype)
-
-    def unfold(self, layer: LayerView, adapter: str, weight: torch.Tensor) -> torch.Tensor:
-        return weight - self._out_major(layer, adapter).to(weight.dtype)
-
-    def bias_delta(self, layer: LayerView, adapter: str) -> torch.Tensor | None:
-        return None
-
-    def clear_caches(self, layer: LayerView) -> None:
-        pass
 
 
 METHOD = AdaLora()

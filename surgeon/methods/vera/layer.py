@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from surgeon.errors import UserError
 from surgeon.runtime.base_kinds import in_out_features, main_weight
+from surgeon.runtime.method import AdditiveMerge
 
 if TYPE_CHECKING:
     from surgeon.planning.site import Site
@@ -97,7 +98,7 @@ def _check_fits(vera_a: torch.Tensor, vera_b: torch.Tensor, n_in: int, n_out: in
                             "the first one with incompatible shapes.")
 
 
-class Vera:
+class Vera(AdditiveMerge):
     """The `vera` method's runtime (`surgeon.runtime.method.MethodRuntime`)."""
 
     name = "vera"
@@ -199,18 +200,6 @@ class Vera:
         delta = delta.T if layer.kind == "Conv1D" else delta
         return delta.to(layer.vera_B[adapter].dtype)
 
-    def fold(self, layer: LayerView, adapter: str, weight: torch.Tensor,
-             unmerged: torch.Tensor) -> torch.Tensor:
-        return weight + self._out_major(layer, adapter).to(weight.dtype)
-
-    def unfold(self, layer: LayerView, adapter: str, weight: torch.Tensor) -> torch.Tensor:
-        return weight - self._out_major(layer, adapter).to(weight.dtype)
-
-    def bias_delta(self, layer: LayerView, adapter: str) -> torch.Tensor | None:
-        return None
-
-    def clear_caches(self, layer: LayerView) -> None:
-        pass
 
 
 def vera_delta(x: torch.Tensor, vera_a: torch.Tensor, vera_b: torch.Tensor, lambda_d: torch.Tensor,
