@@ -32,7 +32,7 @@ from surgeon.lang.spec import Spec
 from surgeon.peft_format import checkpoint as pf
 from surgeon.peft_format import files
 from surgeon.runtime import quantized
-from surgeon.runtime.base_kinds import main_weight
+from surgeon.runtime.base_kinds import layer_weight
 from surgeon.runtime.precision import HALF, autocast_adapters, warn_if_tied
 from surgeon.runtime.routing import remove_hooks, route_rows
 from surgeon.runtime.saved import SavedModule
@@ -271,7 +271,7 @@ def _merge(model: nn.Module, adapter_names, *, safe_merge: bool, keep_exact: boo
     for _, layer in todo:
         if layer.merged_adapters != before[id(layer)]:
             continue  # merged by its parent (an MHA merges its nested out_proj layer itself)
-        weight = main_weight(layer.base_layer, layer.kind)
+        weight = layer_weight(layer)
         if keep_exact and not layer.merged and weight.dtype in HALF and not distributed.is_dtensor(weight):
             _EXACT[layer] = weight.detach().clone()
         layer.merge([a for a in wanted if a in layer.sites], safe_merge=safe_merge)
@@ -285,9 +285,9 @@ def unmerge(model: nn.Module) -> None:
         if layer.merged:
             layer.unmerge()
             exact = _EXACT.pop(layer, None)
-            if exact is not None and exact.shape == main_weight(layer.base_layer, layer.kind).shape:
+            if exact is not None and exact.shape == layer_weight(layer).shape:
                 with torch.no_grad():
-                    main_weight(layer.base_layer, layer.kind).copy_(exact)  # bit for bit, not weight + delta - delta
+                    layer_weight(layer).copy_(exact)  # bit for bit, not weight + delta - delta
                 layer.method.clear_caches(layer)
 
 

@@ -32,12 +32,12 @@ if TYPE_CHECKING:
 
 # Every base layer kind a method can adapt (the order messages list them in).
 KINDS: tuple[str, ...] = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding",
-                          "MultiheadAttention")
+                          "MultiheadAttention", "Parameter")  # Parameter: LoRA target_parameters
 LINEAR_KINDS: tuple[str, ...] = ("Linear", "Conv1D")  # a matrix product: PEFT's `all-linear`
 CONV_KINDS: tuple[str, ...] = ("Conv1d", "Conv2d", "Conv3d")
 # Kinds whose module reads its own weights (no `.weight` to call through): the adapted layer calls
 # the module with its deltas substituted, and a method folds them with its own hook.
-WHOLE_MODULE_KINDS: tuple[str, ...] = ("MultiheadAttention",)
+WHOLE_MODULE_KINDS: tuple[str, ...] = ("MultiheadAttention", "Parameter")
 # What each kind computes, in the words of capture's dataflow rules: a lookup never projects q/k/v.
 FAMILY: Mapping[str, str] = {
     **dict.fromkeys(LINEAR_KINDS, "linear"), **dict.fromkeys(CONV_KINDS, "conv"), "Embedding": "embedding",

@@ -18,7 +18,7 @@ from surgeon.cli.arguments import (
 from surgeon.cli.output import atomic_dir, check_output
 from surgeon.cli.progress import LARGE_MODEL_PARAMS, bar, stage
 from surgeon.peft_format import files
-from surgeon.runtime.base_kinds import main_weight
+from surgeon.runtime.base_kinds import layer_weight, main_weight
 
 # Tokenizer and processor files copied next to a merged transformers model.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -91,7 +91,7 @@ def _merge_and_unload(model, *, large: bool, safe: bool = False):
         if names:  # (a nested layer, an MHA's out_proj, is merged by its parent already)
             layer.merge(names)
             bias = getattr(layer.base_layer, "bias", None)  # an MHA has in_proj_bias instead
-            finite = torch.isfinite(main_weight(layer.base_layer, layer.kind)).all() and (bias is None or torch.isfinite(bias).all())
+            finite = torch.isfinite(layer_weight(layer)).all() and (bias is None or torch.isfinite(bias).all())
             if safe and not finite:
                 raise UsageError(f"--safe-merge: merging {names} into `{path}` gives NaN or inf "
                                  "weights; the adapter seems broken, nothing was written")

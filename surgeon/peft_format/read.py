@@ -133,8 +133,9 @@ def _method(config: dict) -> str:
 
 def _rules(config: dict, method: str) -> tuple[Rule, ...]:
     get = config.get
-    rules: list[Rule] = list(_targets(get("target_modules"), get("layers_to_transform"),
-                                      get("layers_pattern")))
+    only_parameters = bool(get("target_parameters")) and not get("target_modules")
+    rules: list[Rule] = [] if only_parameters else list(
+        _targets(get("target_modules"), get("layers_to_transform"), get("layers_pattern")))
     if get("exclude_modules"):
         rules.append(Exclude(Selection(_atoms(get("exclude_modules"), "exclude_modules"))))
     if role_of(method, "rank_pattern") == "selector" and get("rank_pattern"):
@@ -182,8 +183,7 @@ def _targets(targets, layers, pattern) -> list[Target]:
     atoms = _atoms(targets, "target_modules")
     if not atoms:
         raise ConversionError(
-            "`target_modules` is empty (PEFT then adapts only `target_parameters`), "
-            "which a spec cannot say yet")
+            "`target_modules` is empty and `target_parameters` is not set: PEFT adapts nothing")
     return [Target(Selection(atoms, layers=restriction))]
 
 

@@ -103,9 +103,10 @@ def peft_config_for_sites(adapter: Adapter, sites: Sequence[Site], *,
         raise ConversionError(f"the sites must be those of adapter `{adapter.name}`, and not none")
     out = _header(adapter)
     method = adapter.method
+    mine = [s for s in mine if s.kind != "Parameter"]  # LoRA's target_parameters: in the header
     paths = list(dict.fromkeys(s.path for s in mine))
     selected: dict = {
-        "target_modules": paths_regex(paths),
+        "target_modules": paths_regex(paths) if paths else [],
         "modules_to_save": _saved(adapter),
         "trainable_token_indices": _tokens(adapter.rules_of(Tokens)),
     }

@@ -39,6 +39,7 @@ from surgeon.lang.spec import (
     Tokens,
 )
 from surgeon.layer_kinds import input_embedding, kind_of
+from surgeon.planning import parameters
 from surgeon.planning.plans import AdapterPlan, Plan, Unmatched
 from surgeon.planning.select import (
     PlanError,
@@ -127,19 +128,20 @@ class _Planner:
                 raise self.error(f"adapter `{adapter.name}`: `{name}` {what}",
                                  next(o for o in adapter.options if o.name == name))
         task_type = adapter.option("task_type")
-        chosen = self.targets(adapter, task_type)
+        wanted = tuple(adapter.option("target_parameters", None) or ())  # LoRA's bare params
+        chosen = self.targets(adapter, task_type) if adapter.rules_of(Target) or not wanted else {}
         removed = set().union(*(self.select(adapter, r, "exclude", task_type)
                                 for r in adapter.rules_of(Exclude)))
         heads = TASK_HEADS.get(task_type, ())
         saved_names = tuple(n for rule in adapter.rules_of(Save) for n in rule.names) + heads
         kept = {p: loc for p, loc in chosen.items()
                 if p not in removed and not _under_saved(p, saved_names)}
-        if not kept:
+        if not kept and not wanted:
             also = f" or the heads task_type={task_type} saves ({', '.join(heads)})" if heads else ""
             raise self.error(
                 f"adapter `{adapter.name}` adapts no module: its targets "
                 f"({len(chosen)} modules) are all excluded by `exclude` or `save` rules{also}", adapter)
-        sites = self.sites(adapter, kept, task_type)
+        sites = self.sites(adapter, kept, task_type) + self.parameter_sites(adapter, wanted, kept)
         save, tokens = self.save(adapter), self.tokens(adapter)
         head_paths = tuple(self.save_paths(heads))
         save += tuple(p for p in head_paths if p not in save)
@@ -262,6 +264,27 @@ class _Planner:
             )
             out.append(replace(site, params=runtime.num_params(module, site)))
         return tuple(out)
+
+    def parameter_sites(self, adapter: Adapter, wanted: tuple[str, ...], kept) -> tuple[Site, ...]:
+        """One Site per parameter `target_parameters` matches (`surgeon.planning.parameters`),
+        with the adapter's rank and alpha (rank/alpha rules select modules, not parameters)."""
+        if not wanted:
+            return ()
+        config, runtime = methods.config_of(adapter.method), methods.runtime_of(adapter.method)
+        node = next(o for o in adapter.options if o.name == "target_parameters")
+        r, alpha = adapter.option(config.rank_field), adapter.option(config.alpha_field)
+        base = {n: adapter.option(n) for n in config.site_options}
+        base["fan_in_fan_out"] = adapter.option("fan_in_fan_out")  # refused there, as in PEFT
+
+        def make(path: str, extra: dict) -> Site:
+            options = {**base, **extra}
+            site = Site(path=path, kind=parameters.KIND, method=adapter.method, adapter=adapter.name,
+                        r=r, alpha=float(alpha), scaling=config.scaling(alpha, r, options),
+                        options=tuple(sorted(options.items())), rule=_location(node))
+            return replace(site, params=runtime.num_params(self.resolver.modules[path], site))
+
+        return parameters.parameter_sites(self.resolver.model, adapter, wanted, set(kept), make,
+                                          lambda message: self.error(message, node))
 
     def flags(self, adapter: Adapter, config, kept, task_type) -> dict[str, set[str]]:
         """Site option -> the kept paths its flag rules select (`MethodConfig.flag_rules`, such

@@ -104,10 +104,12 @@ def describe(atom: Atom) -> str:
 def unsupported(path: str, module: nn.Module, span: Span | None = None, source: str = "") -> PlanError:
     """PEFT raises too when a target is no adaptable layer (e.g. a name matching a container)."""
     container = next(module.children(), None) is not None
+    kinds = ", ".join(k for k in KINDS if k != "Parameter")  # bare parameters: target_parameters
     return PlanError(
-        f"`{path}` ({type(module).__name__}) cannot be adapted; supported kinds: {', '.join(KINDS)}",
+        f"`{path}` ({type(module).__name__}) cannot be adapted; supported kinds: {kinds}",
         span, source=source,
-        hint="it contains other modules: select its projections instead" if container else "",
+        hint="it contains other modules: select its projections instead" if container else
+        "to adapt one of its parameters, use LoRA's target_parameters=[\"<path>.<name>\"]",
     )
 
 

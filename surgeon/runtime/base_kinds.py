@@ -49,6 +49,15 @@ def main_weight(base: nn.Module, kind: str) -> torch.Tensor:
     return base.in_proj_weight if kind == "MultiheadAttention" else base.weight
 
 
+def layer_weight(layer: nn.Module) -> torch.Tensor:
+    """`main_weight` of an adapted layer; for a bare parameter's layer (LoRA's
+    `target_parameters`), that parameter."""
+    if layer.kind == "Parameter":
+        name = next(iter(layer.sites.values())).option("parameter_name")
+        return getattr(layer.base_layer, name)
+    return main_weight(layer.base_layer, layer.kind)
+
+
 def to_out_major(weight: torch.Tensor, kind: str) -> torch.Tensor:
     """The base weight as an `(out, in*k)` matrix (a view where the layout allows)."""
     if kind in ("Conv1D", "Embedding"):

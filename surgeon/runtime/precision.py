@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from surgeon.runtime.base_kinds import main_weight
+from surgeon.runtime.base_kinds import layer_weight
 from surgeon.runtime.state import unwrap
 from surgeon.runtime.wrappers import adapted_layers
 
@@ -48,7 +48,7 @@ def warn_if_tied(model: nn.Module, layers) -> None:
         if p.data_ptr():  # 0 on the meta device: nothing to share
             owners.setdefault(p.data_ptr(), []).append(name)
     for path, layer in layers:
-        shared = [n for n in owners.get(main_weight(layer.base_layer, layer.kind).data_ptr(), ()) if not n.startswith(path + ".")]
+        shared = [n for n in owners.get(layer_weight(layer).data_ptr(), ()) if not n.startswith(path + ".")]
         if shared:
             warnings.warn(f"`{path}` shares its weight with `{shared[0]}` (tie_word_embeddings=True): "
                           "merging changes both. Load the model with tie_word_embeddings=False (and "

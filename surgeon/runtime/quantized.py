@@ -16,10 +16,11 @@ inlines exact torch classes), so the forward needs nothing here. Three things do
   result into a new parameter exactly as peft's bnb `merge`/`unmerge` do. The error against the
   unmerged forward is the quantiser's (peft warns "may get different generations due to
   rounding errors"); `tests/quantized` measures it.
-- **What peft adapts.** peft 0.21 has bnb layers for LoRA, IA3 and AdaLoRA. Its LoRA DoRA
-  variant dequantises inside the forward, which surgeon's DoRA graph does not lower yet; LoHa
-  and LoKr treat a `Linear4bit` as a plain Linear and fail in peft itself (they read the
-  packed weight's shape). `check_supported` refuses those with a clear `QuantizedBaseError`.
+- **What peft adapts.** peft 0.21 has bnb layers for LoRA (DoRA too), IA3 and AdaLoRA. DoRA
+  takes its weight norm, and its dropout path's base output, from the dequantised weight
+  (`float_weight`, each forward, as peft; `methods/lora/dora.py`). LoHa and LoKr treat a
+  `Linear4bit` as a plain Linear and fail in peft itself (they read the packed weight's
+  shape). `check_supported` refuses those with a clear `QuantizedBaseError`.
 
 bitsandbytes is imported only when a quantised module is actually met; classes are recognised
 by their parameter class name, as peft's `get_bnb_param_type` does, so importing surgeon never
@@ -68,12 +69,10 @@ def check_supported(base: nn.Module, site: Site) -> None:
     if quant is None:
         return
     why = _REFUSED.get((site.method, quant))
-    if site.method == "lora" and site.option("use_dora", False):
-        why = "DoRA's weight norm needs the dequantised weight inside the forward, not lowered yet"
     if why is not None:
         raise QuantizedBaseError(
             f"Cannot add `{site.adapter}` ({site.method}) to `{site.path}`, a bitsandbytes "
-            f"{quant} layer: {why}. Use LoRA, rsLoRA, IA3 or AdaLoRA on quantised layers, or "
+            f"{quant} layer: {why}. Use LoRA, DoRA, rsLoRA, IA3 or AdaLoRA on quantised layers, or "
             "exclude this module.")
 
 

@@ -228,8 +228,8 @@ def test_methods_without_a_runtime_are_not_applied_yet():
 
 
 def test_options_the_planner_cannot_honour_are_refused():
-    with pytest.raises(PlanError, match="`target_parameters` is converted but not planned"):
-        plan('adapter default = lora(target_parameters=["experts.gate_up_proj"]) { target q_proj }',
+    with pytest.raises(PlanError, match="`layer_replication` is converted but not planned"):
+        plan('adapter default = lora(layer_replication=[[0, 1]]) { target q_proj }',
              tiny_models()["llama"])
 
 

@@ -329,7 +329,9 @@ def test_what_a_spec_cannot_say_is_an_error():
     with pytest.raises(ConversionError, match="`feedforward_modules` is null"):
         spec_from_peft_config(build(IA3Config, {"target_modules": ["q"]}))
     with pytest.raises(ConversionError, match="`target_modules` is empty"):
-        spec_from_peft_config(build(LoraConfig, {"target_modules": [], "target_parameters": ["e.w"]}))
+        spec_from_peft_config(build(LoraConfig, {"target_modules": []}))
+    only = spec_from_peft_config(build(LoraConfig, {"target_modules": [], "target_parameters": ["e.w"]}))
+    assert not tuple(only.rules_of(Target)) and tuple(only.option("target_parameters")) == ("e.w",)
     with pytest.raises(ConversionError, match="`use_rslora`"):
         spec_from_peft_config(build(AdaLoraConfig, {"total_step": 10, "use_rslora": True}))
 

@@ -62,8 +62,6 @@ def test_merge_and_unmerge_match_peft(llama_dir, tmp_path, quant):
 
 
 @pytest.mark.parametrize(("quant", "spec"), [
-    ("nf4", "lora(r=4, dora=true) { target q_proj }"),
-    ("int8", "lora(r=4, dora=true) { target q_proj }"),
     ("nf4", "loha(r=4) { target q_proj }"),
     ("fp4", "lokr(r=4) { target q_proj }"),
 ])

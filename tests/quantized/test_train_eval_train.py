@@ -35,14 +35,15 @@ def _step(model, opt) -> dict[str, torch.Tensor]:
 
 
 def _run(path: str, quant: str, eval_between: bool, keep_first: bool = True):
-    """Three SGD steps, optionally with a no-grad eval pass after the first. `keep_first`:
-    `keep_trainable` before training (no repacking ever), else only after the eval pass
-    (the weights were repacked and are unpacked)."""
+    """Three SGD steps, optionally with a no-grad eval pass after the first. `keep_first`: as
+    `apply` leaves the model (no repacking ever); else bitsandbytes' repacking is switched back
+    on, so the eval pass repacks and `keep_trainable` must unpack."""
     base = load(path, quant)
     torch.manual_seed(0)  # the same adapter initialisation in both runs
-    model = S.apply(SPEC, base)
-    if keep_first:
-        quantized.keep_trainable(model)
+    model = S.apply(SPEC, base)  # apply keeps every 4-bit layer trainable itself
+    if not keep_first:  # a model whose eval pass repacks anyway (bitsandbytes' default)
+        for _, m in quantized.quantized_modules(model):
+            m.support_avx512bf16_for_cpu = True
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     grads = [_step(model, opt)]
     packed = False

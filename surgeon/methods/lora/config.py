@@ -113,7 +113,7 @@ CONFIG = LoraConfig(
     alpha_field="lora_alpha",
     site_options=("bias", "inference_mode", "init_lora_weights", "lora_bias", "lora_dropout",
                   "use_dora", "use_rslora"),
-    unplanned=("target_parameters", "layer_replication"),
+    unplanned=("layer_replication",),
     # PEFT variants layer.py does not build (each changes the forward or the parameters)
     unimplemented=("use_qalora", "alora_invocation_tokens", "megatron_config", "velora_config",
                    "kasa_config", "arrow_config", "monteclora_config", "use_bdlora"),

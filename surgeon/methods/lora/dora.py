@@ -9,6 +9,10 @@ they could have changed: whenever autograd may need fresh ones (grad enabled and
 or `W` requires grad, i.e. training), under torch.compile, or when the version counter or
 storage of `W`, `A`, `B` or `m` moved (an optimizer step, `.to()`, a merge, a load). Writes
 through `.data` skip version counters: call `AdaptedLayer.relower()` after them.
+
+On a bitsandbytes base (PEFT's bnb DoRA) the norm and, with dropout, the base output on the
+dropped input use the dequantised weight (`quantized.float_weight`), as PEFT does each forward;
+without dropout the quantised base output is reused, as on any base.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx, nn
 
+from surgeon.runtime import quantized
 from surgeon.runtime.base_kinds import CONV_KINDS, emit_base_no_bias, to_out_major
 
 if TYPE_CHECKING:
@@ -75,17 +80,38 @@ def dora_factors(mag: DoraMagnitude, weight: torch.Tensor, lora_a: torch.Tensor,
     factors. Computed afresh when autograd may need them, else cached (see module docstring).
     """
     m = mag.weight
+    # a bitsandbytes base comes as its layer: keyed on the stored (packed) weight
+    source = weight.weight if isinstance(weight, nn.Module) else weight
     fresh = torch.is_grad_enabled() and (m.requires_grad or lora_a.requires_grad
-                                         or lora_b.requires_grad or weight.requires_grad)
+                                         or lora_b.requires_grad or source.requires_grad)
     if fresh or torch.compiler.is_compiling():
-        return _factors(mag, weight, lora_a, lora_b, scaling, kind)
-    key = (weight._version, weight.data_ptr(), lora_a._version, lora_a.data_ptr(),
+        return _factors(mag, _dense(weight), lora_a, lora_b, scaling, kind)
+    key = (id(source), source._version, source.data_ptr(), lora_a._version, lora_a.data_ptr(),
            lora_b._version, lora_b.data_ptr(), m._version, m.data_ptr(), scaling,
            torch.is_inference_mode_enabled())
     cached = mag.norm_cache
     if cached is None or cached[0] != key:
-        cached = mag.norm_cache = (key, _factors(mag, weight, lora_a, lora_b, scaling, kind))
+        cached = mag.norm_cache = (key, _factors(mag, _dense(weight), lora_a, lora_b, scaling,
+                                                 kind))
     return cached[1]
+
+
+def _dense(weight: torch.Tensor | nn.Module) -> torch.Tensor:
+    """The float weight: itself, or a bitsandbytes layer's weight dequantised (PEFT's
+    `dequantize_module_weight`, which its DoRA runs on every forward)."""
+    return quantized.float_weight(weight) if isinstance(weight, nn.Module) else weight
+
+
+def _dense_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """PEFT's DoRA dropout path on a bitsandbytes base: `F.linear(x, dequantised W)`, not the
+    quantised kernel."""
+    return torch._C._nn.linear(x, quantized.float_weight(base).to(x.dtype))
+
+
+def _weight_node(b: Builder) -> fx.Node:
+    """The base weight, or for a bitsandbytes base the layer itself (dequantised when used)."""
+    quantised = quantized.quant_of(b.layer.base_layer) is not None
+    return b.attr("base_layer" if quantised else "base_layer.weight")
 
 
 def add_magnitude(layer: LayerView, adapter: str, lora_b: torch.Tensor,
@@ -94,7 +120,8 @@ def add_magnitude(layer: LayerView, adapter: str, lora_b: torch.Tensor,
 
     `lora_b` and `lora_a` are the out-major factors `(out, r)` and `(r, in*k)`.
     """
-    weight = layer.base_layer.weight
+    base = layer.base_layer
+    weight = base.weight if quantized.quant_of(base) is None else quantized.float_weight(base)
     norm = weight_norm(weight, lora_a, lora_b, layer.sites[adapter].scaling, layer.kind)
     if layer.kind in CONV_KINDS:
         norm = norm.view((1, -1) + (1,) * (weight.dim() - 2))
@@ -105,7 +132,7 @@ def _factor_nodes(b: Builder, adapter: str, lora_a: fx.Node,
                   lora_b: fx.Node) -> tuple[fx.Node, fx.Node]:
     """Nodes for `scale - 1` and `scale * s`, where `scale = m / ||W + s*BA||`."""
     factors = b.call(dora_factors, b.attr(f"lora_magnitude_vector.{adapter}"),
-                     b.attr("base_layer.weight"), lora_a, lora_b,
+                     _weight_node(b), lora_a, lora_b,
                      b.layer.sites[adapter].scaling, b.layer.kind)
     return b.call(operator.getitem, factors, 0), b.call(operator.getitem, factors, 1)
 
@@ -133,6 +160,8 @@ def emit(b: Builder, adapter: str, lora: fx.Node, dropped: fx.Node | None,
                                    b.attr(f"lora_B.{adapter}.weight"))
     if dropped is None:
         base = _without_bias(b, prev)
+    elif quantized.quant_of(b.layer.base_layer) is not None:
+        base = b.call(_dense_linear, b.attr("base_layer"), dropped)
     else:
         base = emit_base_no_bias(b, b.layer.kind, dropped)
     delta = b.call(torch.addcmul, b.call(operator.mul, rescale, base), adapt, lora)

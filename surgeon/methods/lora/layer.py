@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from surgeon.methods.lora import dora as lora_dora
 from surgeon.methods.lora import mha
+from surgeon.methods.lora import param as lora_param
 from surgeon.runtime.base_kinds import (
     CONV_KINDS,
     conv_fn,
@@ -166,6 +167,8 @@ class Lora:
 
     def add(self, layer: LayerView, site: Site) -> None:
         opts = LoraOptions.of(site)
+        if site.kind == lora_param.KIND:
+            return self._add_param(layer, site, opts)
         if site.kind == mha.KIND:
             mha.check(layer.base_layer, site, opts.use_dora, opts.lora_bias)
         _check(layer, site, opts)
@@ -179,6 +182,16 @@ class Lora:
         if opts.use_dora:
             lora_dora.add_magnitude(layer, site.adapter, *factors(layer, site.adapter))
 
+    def _add_param(self, layer: LayerView, site: Site, opts: LoraOptions) -> None:
+        """PEFT's `ParamWrapper.update_layer`: refusals, factors, init, device and dtype."""
+        lora_param.check(site, opts.dropout, opts.use_dora, opts.lora_bias)
+        lora_param.check_same_parameter(layer, site)
+        if site.r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {site.r}")
+        lora_param.create(layer, site)
+        _initialise(layer, site, opts.init)
+        lora_param.move_to_param(layer, site.adapter)
+
     def remove(self, layer: LayerView, adapter: str) -> None:
         if layer.kind == mha.KIND:
             mha.remove_out_proj(layer, adapter)
@@ -188,6 +201,8 @@ class Lora:
                 del table[adapter]
 
     def num_params(self, base: nn.Module, site: Site) -> int:
+        if site.kind == lora_param.KIND:
+            return lora_param.num_params(base, site)
         opts = LoraOptions.of(site)
         n_in, n_out = in_out_features(base, site.kind)
         r = site.r
@@ -205,7 +220,7 @@ class Lora:
 
     def emit(self, b: Builder, adapter: str, prev: fx.Node, rows: fx.Node | None) -> fx.Node:
         site = b.layer.sites[adapter]
-        if site.kind == mha.KIND:
+        if site.kind in (mha.KIND, lora_param.KIND):
             return prev  # the module's call substitutes the deltas (`forward_module`)
         x = b.x if rows is None else b.call(torch.index_select, b.x, 0, rows)
         if site.kind == "Embedding":
@@ -219,12 +234,20 @@ class Lora:
             return b.result(prev, delta, site.scaling)
         return b.index_result(prev, rows, delta, site.scaling)
 
-    # A MultiheadAttention reads its own weights: called and folded through `mha`.
-    forward_module = staticmethod(mha.forward)
-    merge_module = staticmethod(mha.merge_weights)
-    unmerge_module = staticmethod(mha.unmerge_weights)
+    # A MultiheadAttention or a bare parameter's module reads its own weights: called and
+    # folded through `mha` or `param`.
+    def forward_module(self, layer: LayerView, *args, **kwargs):
+        return _whole(layer).forward(layer, *args, **kwargs)
+
+    def merge_module(self, layer: LayerView, adapters: list[str], safe_merge: bool) -> bool:
+        return _whole(layer).merge_weights(layer, adapters, safe_merge)
+
+    def unmerge_module(self, layer: LayerView) -> bool:
+        return _whole(layer).unmerge_weights(layer)
 
     def delta_weight(self, layer: LayerView, adapter: str) -> torch.Tensor:
+        if layer.kind == lora_param.KIND:
+            return lora_param.delta(layer, adapter)
         if layer.kind == mha.KIND:
             return mha.delta(layer, adapter, layer.base_layer.in_proj_weight.dtype)
         delta = delta_out_major(layer, adapter)
@@ -254,6 +277,11 @@ class Lora:
         if adapter not in layer.lora_B or layer.lora_B[adapter].bias is None:
             return None
         return layer.lora_B[adapter].bias.detach().float() * layer.sites[adapter].scaling
+
+
+def _whole(layer: LayerView):
+    """The module-level path of a whole-module kind."""
+    return lora_param if layer.kind == lora_param.KIND else mha
 
 
 def _cast_input(b: Builder, adapter: str, x: fx.Node) -> fx.Node:
