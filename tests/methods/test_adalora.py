@@ -26,7 +26,7 @@ import surgeon
 import surgeon.api as S
 from surgeon.errors import UserError
 from surgeon.methods import adalora
-from tests.methods.test_loha import case_of, check_roundtrip, diff, quiet, spec_of
+from tests.methods.harness import case_of, check_roundtrip, diff, quiet, spec_of
 from tests.models import MLP
 
 LORA = ("lora_",)

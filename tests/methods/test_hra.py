@@ -9,26 +9,21 @@ against the math directly too.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
-from peft import HRAConfig, PeftModel, get_peft_model
+from peft import HRAConfig
 from torch import nn
 
 import surgeon
-import surgeon.api as S
 from surgeon.errors import UserError
-from surgeon.runtime.wrappers import adapted_layers
-from tests.methods.test_loha import (
+from tests.methods.harness import (
+    check_classic_placement,
     check_init,
     check_roundtrip,
     check_switching,
     check_training,
-    diff,
-    output,
-    quiet,
 )
 from tests.models import CASES
 
@@ -85,19 +80,7 @@ def test_forward_reflects_the_input():
 
 
 def test_classic_placement_is_peft_default(tmp_path: Path):
-    ctx = quiet()
-    try:
-        base = CASES["llama"].build()
-        pm = get_peft_model(copy.deepcopy(base), HRAConfig(r=2))
-        ours = copy.deepcopy(base)
-        surgeon.apply("adapter default = hra(r=2, init=false) { }", ours)
-        targets = {n.removeprefix("base_model.model.") for n in pm.targeted_module_names}
-        assert {n for n, _ in adapted_layers(ours)} == targets
-        S.save_pretrained(ours, tmp_path)
-        back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-        assert diff(output(CASES["llama"], back), output(CASES["llama"], ours)) <= 1e-5
-    finally:
-        ctx.__exit__(None, None, None)
+    check_classic_placement(HRAConfig(r=2), "adapter default = hra(r=2, init=false) { }", tmp_path)
 
 
 def test_refuses_what_peft_refuses():

@@ -21,7 +21,7 @@ from torch import nn
 
 import surgeon.api as S
 from surgeon.methods.lokr.layer import factorization, kron
-from tests.methods.test_loha import (
+from tests.methods.harness import (
     ATOL,
     TARGETS,
     case_of,

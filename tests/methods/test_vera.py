@@ -15,14 +15,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel, VeraConfig, get_peft_model
+from peft import VeraConfig, get_peft_model
 from safetensors.torch import load_file
 
 import surgeon
 import surgeon.api as S
 from surgeon.errors import UserError
 from surgeon.runtime.wrappers import adapted_layers
-from tests.methods.test_loha import check_roundtrip, check_switching, diff, output, quiet, randomize, spec_of
+from tests.methods.harness import (
+    check_classic_placement,
+    check_roundtrip,
+    check_switching,
+    diff,
+    output,
+    quiet,
+    randomize,
+    spec_of,
+)
 from tests.models import CASES
 
 LAMBDAS = ("vera_lambda_",)
@@ -157,19 +166,7 @@ def test_second_adapter_is_transactional():
 
 def test_classic_placement_is_peft_default(tmp_path: Path):
     """With no target rule VeRA goes where PEFT's default table puts it (Llama: q and v)."""
-    ctx = quiet()
-    try:
-        base = CASES["llama"].build()
-        pm = get_peft_model(copy.deepcopy(base), VeraConfig(r=4))
-        ours = copy.deepcopy(base)
-        surgeon.apply("adapter default = vera(r=4, init=false) { }", ours)
-        targets = {n.removeprefix("base_model.model.") for n in pm.targeted_module_names}
-        assert {n for n, _ in adapted_layers(ours)} == targets
-        S.save_pretrained(ours, tmp_path)
-        back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-        assert diff(output(CASES["llama"], back), output(CASES["llama"], ours)) <= 1e-5
-    finally:
-        ctx.__exit__(None, None, None)
+    check_classic_placement(VeraConfig(r=4), "adapter default = vera(r=4, init=false) { }", tmp_path)
 
 
 def test_refuses_what_peft_refuses():
