@@ -50,8 +50,9 @@ class Case:
         import peft
 
         targets = "all-linear" if self.model == "llama" else ["conv1", "conv2", "conv3"]
-        cls = {"lora": peft.LoraConfig, "loha": peft.LoHaConfig, "lokr": peft.LoKrConfig,
-               "adalora": peft.AdaLoraConfig, "ia3": peft.IA3Config}[self.method]
+        from surgeon.methods import config_of
+
+        cls = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[config_of(self.method).peft_type]
         extra = {"total_step": 100} if self.method == "adalora" else {}
         if self.method == "ia3" and self.model == "llama":
             extra["feedforward_modules"] = ["down_proj"]

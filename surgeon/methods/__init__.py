@@ -21,7 +21,16 @@ from typing import Any
 from surgeon.methods.base import MethodConfig
 
 # Built-in methods, in the order the language lists them; each is `surgeon.methods.<name>`.
-BUILTIN: tuple[str, ...] = ("lora", "ia3", "adalora", "loha", "lokr", "vera", "oft", "hra")
+BUILTIN: tuple[str, ...] = (
+    "lora",
+    "ia3",
+    "adalora",
+    "loha",
+    "lokr",
+    "vera",
+    "oft",
+    "hra",
+)
 
 _configs: dict[str, MethodConfig] = {}  # loaded or registered, by name
 _runtimes: dict[str, Any] = {}  # runtime objects, by name, loaded on first use
