@@ -172,6 +172,7 @@ def run_case(case: Case, base, shape: Shape, device, timing: Timing) -> dict:
     out["decode_overhead"] = overheads(models, base, (1, 1), device, timing)
     if "prefill" in case.metrics:
         out["prefill_overhead"] = overheads(models, base, shape.prefill, device, timing)
+        out["prefill_flops_share"] = {"value": flops_share(base, models["surgeon"], shape.prefill[1])}
     if "merge" in case.metrics:
         out.update(measure_merge(models, base, shape, device, timing))
     if "train" in case.metrics:
@@ -182,6 +183,21 @@ def run_case(case: Case, base, shape: Shape, device, timing: Timing) -> dict:
             steps, device, Timing(max(timing.repeats // 2, 1), 1, 1)).items()}
         out["train_peak_mib"] = {side: peak_memory(step, device) for side, step in steps.items()}
     return out
+
+
+def flops_share(base, adapted, seq: int) -> float:
+    """The adapters' extra multiply-adds over the base model's, per token of a `seq`-token
+    prefill: every Linear's `in*out`, attention's `2*seq*hidden` per layer, and per adapted
+    layer LoRA's `r*(in+out)` (what "prefill overhead within 1.2x of the FLOPs share" means)."""
+    from surgeon.runtime.wrappers import adapted_layers
+
+    linear = sum(m.in_features * m.out_features for m in base.modules() if isinstance(m, torch.nn.Linear))
+    config = base.config
+    attention = config.num_hidden_layers * 2 * seq * config.hidden_size
+    extra = sum(a.weight.shape[0] * (a.weight.shape[1] + b.weight.shape[0])
+                for _, layer in adapted_layers(adapted) for a, b in
+                ((layer.lora_A[n], layer.lora_B[n]) for n in layer.lora_A))
+    return extra / (linear + attention)
 
 
 def measure_merge(models: dict, base, shape: Shape, device, timing: Timing) -> dict:
@@ -222,6 +238,11 @@ def rows_of(results: dict) -> list[tuple[str, str, str, str, str]]:
             if metric == "agree_max_abs":
                 rows.append((case, "surgeon vs peft max|diff|", f"{values['value']:.1e}", "", ""))
                 continue
+            if metric == "prefill_flops_share":
+                prefill = metrics["prefill_overhead"]["surgeon"]
+                rows.append((case, "prefill FLOPs share of the adapters", f"{values['value']:+.1%}", "",
+                             f"overhead/share {prefill / values['value']:.2f}"))
+                continue
             s, p = values.get("surgeon"), values.get("peft")
             if s is None or p is None:
                 continue
@@ -243,19 +264,20 @@ def print_table(results: dict) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def tiny_decode(device: torch.device) -> int:
+def tiny_decode(device: torch.device, hidden: int = 64, layers: int = 2) -> int:
     """Where Python per call dominates: the unmerged decode overhead of LoRA q,v (r=16) on a
     hidden-64 2-layer llama (paired rounds, see `harness.paired_ratios`), and the cost of one
-    adapted q_proj over its bare nn.Linear (1x1x64 input) next to peft's."""
+    adapted q_proj over its bare nn.Linear (1x1x64 input) next to peft's. `hidden`/`layers`
+    run the same measurement on a wider model (the issue's 4-layer hidden-1024 one)."""
     from surgeon.runtime.adapted import AdaptedLayer
 
-    base, case = llama(Shape(64, 2, (1, 1), (1, 1)), device), CASES[0]
+    base, case = llama(Shape(hidden, layers, (1, 1), (1, 1)), device), CASES[0]
     models = {side: adapt(side, base, case)[0] for side in SIDES}
     agree = randomize_like(models["surgeon"], models["peft"])
     ids = torch.randint(0, 2048, (1, 1), device=device)
     ours = next(m for m in models["surgeon"].modules() if isinstance(m, AdaptedLayer))
     theirs = models["peft"].base_model.model.model.layers[0].self_attn.q_proj
-    x = torch.randn(1, 1, 64, device=device)
+    x = torch.randn(1, 1, hidden, device=device)
     with torch.no_grad():
         decode = paired_ratios({"base": lambda: base(ids), "surgeon": lambda: models["surgeon"](ids),
                                 "peft": lambda: models["peft"](ids)}, "base", device, Timing(41, 10, 3))
@@ -268,7 +290,8 @@ def tiny_decode(device: torch.device) -> int:
           f"(max|diff| {agree:.1e})")
     print(f"one q_proj call (fastest round): nn.Linear {us['linear']:.1f} us; over it: surgeon "
           f"+{us['surgeon'] - us['linear']:.1f} us, peft +{us['peft'] - us['linear']:.1f} us")
-    print(json.dumps({"bench": "lora_overhead_tiny_decode", "threads": torch.get_num_threads(),
+    print(json.dumps({"bench": "lora_overhead_tiny_decode", "hidden": hidden, "layers": layers,
+                      "threads": torch.get_num_threads(),
                       "decode_overhead": decode, "layer_us": us, "overhead_ratio": ratio}))
     return 0
 
@@ -279,14 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (tests)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--tiny-decode", action="store_true",
-                        help="only LoRA q,v decode on a hidden-64 2-layer llama, 15 rounds")
+                        help="only LoRA q,v decode on a hidden-64 2-layer llama, 41 paired rounds")
+    parser.add_argument("--decode-shape", default="64x2", help="with --tiny-decode: HIDDENxLAYERS")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
     if args.tiny_decode:
-        return tiny_decode(device)
+        hidden, layers = map(int, args.decode_shape.split("x"))
+        return tiny_decode(device, hidden, layers)
     if args.smoke:
         shape, wide, timing = Shape(64, 2, (1, 16), (1, 16)), Shape(128, 2, (1, 8), (1, 8)), Timing(1, 1, 0)
     else:

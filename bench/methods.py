@@ -70,6 +70,21 @@ CASES = (
     Case("loha r8 conv", "convnet", "loha", (("r", 8),)),
     Case("loha r4 cp conv", "convnet", "loha", (("r", 4), ("use_effective_conv2d", True))),
     Case("lokr r8 conv", "convnet", "lokr", (("r", 8),)),
+    Case("miss r8", "llama", "miss", (("r", 8),)),
+    Case("shira r8", "llama", "shira", (("r", 8),)),
+    Case("boft b8", "llama", "boft", (("boft_block_size", 8),)),
+    Case("boft b3 conv", "convnet", "boft", (("boft_block_size", 3),)),
+    Case("oft b8 conv", "convnet", "oft", (("oft_block_size", 8),)),
+    Case("road g64", "llama", "road", (("group_size", 64),)),
+    Case("delora r8", "llama", "delora", (("r", 8),)),
+    Case("ln_tuning", "llama", "ln_tuning"),
+    Case("fourierft n200", "llama", "fourierft", (("n_frequency", 200),)),
+    Case("randlora r32", "llama", "randlora", (("r", 32),)),
+    Case("vblora r4 v64", "llama", "vblora", (("r", 4), ("num_vectors", 64), ("vector_length", 64))),
+    Case("gralora r8 k2", "llama", "gralora", (("r", 8), ("gralora_k", 2), ("alpha", 16))),
+    Case("osf", "llama", "osf"),
+    Case("c3a b32", "llama", "c3a", (("block_size", 32),)),
+    Case("waveft n200", "llama", "waveft", (("n_frequency", 200), ("scaling", 1.0))),
 )
 
 

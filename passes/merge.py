@@ -42,7 +42,7 @@ def remove_branches(graph: fx.Graph, adapters: set[str]) -> bool:
     for adapter in doomed:
         # each part's end transforms its source (prev, or the base call's input): route back
         for end in [n for n in graph.nodes if tag(n).get("adapter") == adapter
-                    and tag(n).get("role") in ("result", "input_result")]:
+                    and tag(n).get("role") in ("result", "input_result", "weight_result")]:
             end.replace_all_uses_with(spine_source(end))
         for node in reversed(list(graph.nodes)):
             if tag(node).get("adapter") == adapter:

@@ -33,6 +33,7 @@ from surgeon.peft_format import checkpoint as pf
 from surgeon.peft_format import files
 from surgeon.runtime import quantized
 from surgeon.runtime.base_kinds import layer_weight
+from surgeon.runtime.method import checkpoint_buffers
 from surgeon.runtime.precision import HALF, autocast_adapters, warn_if_tied
 from surgeon.runtime.routing import remove_hooks, route_rows
 from surgeon.runtime.saved import SavedModule
@@ -132,6 +133,15 @@ def _layout(model: nn.Module, state: State) -> pf.Layout:
     return pf.Layout(adapted, saved, state.names, embeddings, tokens)
 
 
+def _with_buffers(host: nn.Module, tensors: dict) -> dict:
+    """`tensors` (the host's state_dict) plus the buffers PEFT saves although its state_dict
+    lacks them (a method's `checkpoint_buffers`, SHiRA's indices), keyed as persistent ones."""
+    extra = {f"{path}.{name}.{adapter}": tensor for path, layer in adapted_layers(host)
+             for name in checkpoint_buffers(layer.method)
+             for adapter, tensor in layer._modules[name]._buffers.items()}
+    return {**tensors, **extra} if extra else tensors
+
+
 def _io_embeddings(host: nn.Module) -> list[nn.Module]:
     """The input and output embeddings of a transformers model; composite models (CLIP under
     transformers 5) raise NotImplementedError for them, which means none to save."""
@@ -171,7 +181,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *,
     names = list(state.names if selected_adapters is None else
                  _names(state, selected_adapters, "selected_adapters"))
     layout = _layout(model, state)
-    tensors = unwrap(model).state_dict()
+    tensors = _with_buffers(unwrap(model), unwrap(model).state_dict())
     out = {}
     for name in names:
         config = _config(model, state.get(name))
@@ -217,7 +227,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         state = commit(host, prepared, tx, trainable=is_trainable)
         autocast_adapters(host, [adapter_name])
         distributed.gather_new(host, managed)  # sharded copies the engine would never gather
-        layout, current = _layout(host, state), host.state_dict(keep_vars=True)
+        layout, current = _layout(host, state), _with_buffers(host, host.state_dict(keep_vars=True))
         matched = pf.match_checkpoint(tensors, current, layout, adapter_name)
         owned = set(pf.load_key_map(current, layout, adapter_name).values())
         _copy_in(host, matched, owned)
@@ -232,7 +242,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 @torch.no_grad()
 def _copy_in(host: nn.Module, matched: dict[str, torch.Tensor], owned: set[str]) -> None:
     """Copy checkpoint tensors in; base tensors (trained biases) are restored on failure."""
-    targets = host.state_dict(keep_vars=True)
+    targets = _with_buffers(host, host.state_dict(keep_vars=True))
     backup = {k: targets[k].detach().clone() for k in matched if k not in owned}  # base tensors
     try:
         for key, tensor in matched.items():
@@ -401,7 +411,7 @@ def _adapter_files(model: nn.Module, name: str, state_dict: dict | None = None) 
     such as Trainer's) or the model's own."""
     state = require_state(model)
     config = _config(model, state.get(name))
-    tensors = unwrap(model).state_dict() if state_dict is None else state_dict
+    tensors = _with_buffers(unwrap(model), unwrap(model).state_dict() if state_dict is None else state_dict)
     return config, pf.adapter_state_dict(tensors, _layout(model, state), name, config)
 
 
@@ -409,7 +419,7 @@ def _match(model: nn.Module, tensors: dict, name: str) -> dict:
     """{model key: tensor} for a PEFT-keyed adapter checkpoint; CheckpointError on any misfit."""
     host = unwrap(model)
     layout = _layout(host, require_state(host))
-    return pf.match_checkpoint(tensors, host.state_dict(keep_vars=True), layout, name)
+    return pf.match_checkpoint(tensors, _with_buffers(host, host.state_dict(keep_vars=True)), layout, name)
 
 
 def _enable_all(model: nn.Module, enabled: bool) -> None:

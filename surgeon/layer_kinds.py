@@ -8,7 +8,9 @@ use) all ask these questions; this module is the one place that answers them.
 - A *layer kind* is one of `KINDS`, named after the class it stands for. "Conv1D" is transformers'
   fan-in/fan-out Conv1D (GPT-2); "Conv1d" is torch's convolution. `kind_of` checks them in PEFT
   0.21's dispatch order (`peft.tuners.lora.model.dispatch_default`). "MultiheadAttention" is
-  adapted as a whole (LoRA only, as PEFT: its in_proj and out_proj through the module).
+  adapted as a whole (LoRA only, as PEFT: its in_proj and out_proj through the module). "Norm" and
+  "Module" are modules a method adapts whole by calling them (LN tuning's per-adapter copies):
+  only a method with `MethodConfig.whole_modules` gets them, from `whole_kind_of`.
 - A *stack* is the outermost `nn.ModuleList`/`nn.Sequential` on a path that holds >= 2 non-leaf
   children owning parameters; those children are its *blocks* (a transformer's layers). Layer
   indices (`surgeon.planning.layers`) and capture's one-block-per-structure tracing
@@ -32,12 +34,17 @@ if TYPE_CHECKING:
 
 # Every base layer kind a method can adapt (the order messages list them in).
 KINDS: tuple[str, ...] = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding",
-                          "MultiheadAttention", "Parameter")  # Parameter: LoRA target_parameters
+                          "MultiheadAttention", "Parameter",  # Parameter: LoRA target_parameters
+                          "Norm", "Module")  # whole modules: see ANY_MODULE_KINDS
 LINEAR_KINDS: tuple[str, ...] = ("Linear", "Conv1D")  # a matrix product: PEFT's `all-linear`
 CONV_KINDS: tuple[str, ...] = ("Conv1d", "Conv2d", "Conv3d")
 # Kinds whose module reads its own weights (no `.weight` to call through): the adapted layer calls
 # the module with its deltas substituted, and a method folds them with its own hook.
-WHOLE_MODULE_KINDS: tuple[str, ...] = ("MultiheadAttention", "Parameter")
+WHOLE_MODULE_KINDS: tuple[str, ...] = ("MultiheadAttention", "Parameter", "Norm", "Module")
+# Kinds a method adapting modules as a whole (`MethodConfig.whole_modules`, LN tuning's copies)
+# gets from `whole_kind_of`: "Norm" for a normalisation layer, "Module" for anything else (even a
+# Linear or a container). `kind_of` never answers them, so other methods never see them.
+ANY_MODULE_KINDS: tuple[str, ...] = ("Norm", "Module")
 # What each kind computes, in the words of capture's dataflow rules: a lookup never projects q/k/v.
 FAMILY: Mapping[str, str] = {
     **dict.fromkeys(LINEAR_KINDS, "linear"), **dict.fromkeys(CONV_KINDS, "conv"), "Embedding": "embedding",
@@ -78,6 +85,21 @@ def kind_of(module: nn.Module) -> str | None:
     if conv1d is not None and isinstance(module, conv1d):
         return "Conv1D"
     return None
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether `module` normalises: torch's norm layers, or a model's own class named like one
+    (transformers' LlamaRMSNorm, T5LayerNorm, ... subclass nn.Module only)."""
+    from torch import nn
+
+    norms = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.LocalResponseNorm,
+             nn.modules.batchnorm._NormBase)  # _NormBase: BatchNorm*d and InstanceNorm*d
+    return isinstance(module, norms) or type(module).__name__.endswith("Norm")
+
+
+def whole_kind_of(module: nn.Module) -> str:
+    """The kind of `module` adapted as a whole (see ANY_MODULE_KINDS): "Norm" or "Module"."""
+    return "Norm" if is_norm(module) else "Module"
 
 
 def kind_class(kind: str) -> type | None:

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import os
 
+# Triton's interpreter must be on before anything imports triton (peft, bitsandbytes and
+# transformers do): without a GPU, tests/kernels/ run the Triton kernels on CPU tensors with it.
+# The runtime never routes CPU tensors to a kernel unless a test asks (surgeon.kernels).
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 from hypothesis import HealthCheck, settings
 

@@ -77,6 +77,7 @@ class Proj:
     kind: str  # "linear", "conv" or "embedding"
     data: fx.Node  # the activation (or index) operand
     module: str | None  # canonical path of the adaptable layer owning the weight, if any
+    param: str | None = None  # canonical path of the weight parameter itself (MoE expert stacks)
 
 
 class Flow:
@@ -210,7 +211,8 @@ class Flow:
             weights = [o for o in operands if self._weight_param(o) is not None]
             data = [o for o in operands if o not in weights]
             if len(weights) == 1 and len(data) == 1:
-                self._add_proj(node, "linear", data[0], self._owner(node, weights[0]))
+                self._add_proj(node, "linear", data[0], self._owner(node, weights[0]),
+                               self._weight_param(weights[0]))
             else:
                 self.kind[node] = MATMUL if len(data) == 2 else PASS
         elif name in _CONVS and len(node.args) > 1 and self._weight_param(node.args[1]) is not None:
@@ -256,9 +258,10 @@ class Flow:
             frontier = nexts
         return found
 
-    def _add_proj(self, node: fx.Node, kind: str, data: Any, module: str | None) -> None:
+    def _add_proj(self, node: fx.Node, kind: str, data: Any, module: str | None,
+                  param: str | None = None) -> None:
         self.kind[node] = PROJ
-        self.projs[node] = Proj(node, kind, data, module)
+        self.projs[node] = Proj(node, kind, data, module, param)
 
     def _weight_param(self, operand: Any) -> str | None:
         """The parameter path behind a weight operand (through views, transposes, expert selects)."""

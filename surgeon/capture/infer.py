@@ -17,11 +17,13 @@ them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import fx, nn
 
 from surgeon.capture.attention import Found, attention_roles, find_cores
+from surgeon.capture.experts import expert_role, is_expert_stack, parameter_roles
 from surgeon.capture.flow import (
     ACT,
     INPUT,
@@ -39,6 +41,7 @@ from surgeon.capture.flow import (
 from surgeon.capture.graph import INPUT_HINT, Capture, CaptureError, capture
 from surgeon.capture.mlp import mlp_roles
 from surgeon.capture.names import ROLES
+from surgeon.capture.reach import unreached
 from surgeon.layer_kinds import is_transformers_model
 
 _SUGGESTION = "Select these layers by name (\"q_proj\", /regex/) or by type (Linear) instead."
@@ -95,14 +98,33 @@ def infer_roles(model: nn.Module, *, example_inputs: Any = None) -> dict[str, Ro
         >>> roles["model.layers.0.self_attn.q_proj"], roles["model.layers.0.self_attn.q_proj"].evidence
         ('attn.q', 'reaches the query operand of scaled_dot_product_attention in `model.layers.0.self_attn`')
     """
+    return analyse(model, example_inputs=example_inputs).roles
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What one capture says about a model: the roles of its adaptable layers, of its expert
+    stacks (3-D parameters), and why some layers' adapters would never run."""
+
+    roles: dict[str, Role]  # module path -> role, every adaptable layer
+    parameters: dict[str, Role]  # parameter path -> role, every 3-D parameter (`@moe.up`, ...)
+    unreached: dict[str, tuple[str, bool]]  # module path -> (why never called, certain)
+
+
+def analyse(model: nn.Module, *, example_inputs: Any = None) -> Analysis:
+    """`infer_roles` with the parameter roles and reach facts of the same capture (the planner
+    captures once for all three)."""
     try:
         captured = capture(model, example_inputs)
     except CaptureError as error:
         raise RolesError(f"Cannot infer roles: {error}") from None
-    roles = roles_of_capture(captured, model)
+    found = analysis_of_capture(captured, model)
     if example_inputs is None:  # towers the synthesized call did not reach get their own inputs
-        roles.update(tower_roles(model, roles))
-    return roles
+        towers = tower_roles(model, found.roles)
+        found.roles.update(towers)
+        for path in towers:  # reached by the tower's own capture
+            found.unreached.pop(path, None)
+    return found
 
 
 def roles_of_capture(captured: Capture, model: nn.Module) -> dict[str, Role]:
@@ -111,16 +133,21 @@ def roles_of_capture(captured: Capture, model: nn.Module) -> dict[str, Role]:
     Every role read from a graph with a caveat (symbolic tracing) is uncertain, and so is the
     `other` of a layer the captured call never reached: it may do anything with other inputs.
     """
+    return analysis_of_capture(captured, model).roles
+
+
+def analysis_of_capture(captured: Capture, model: nn.Module) -> Analysis:
     flow = Flow(captured)
-    decided = _decide(flow)
+    decided, stacks = _decide(flow)
+    caveat = f"{captured.caveat}; {INPUT_HINT}" if captured.caveat else ""
     roles: dict[str, Role] = {}
     for path, module in model.named_modules():
         if adaptable_kind(module) is not None:
             role = decided.get(path) or _undecided(flow, captured, decided, path)
-            if captured.caveat:
-                role = Role(role, role.evidence, f"{captured.caveat}; {INPUT_HINT}")
-            roles[path] = role
-    return roles
+            roles[path] = Role(role, role.evidence, caveat) if caveat else role
+    parameters = {path: Role(role, evidence, caveat or doubt) for path, (role, evidence, doubt)
+                  in parameter_roles(flow, captured, model, stacks).items()}
+    return Analysis(roles, parameters, unreached(flow, captured, model))
 
 
 def tower_roles(model: nn.Module, roles: dict[str, Role]) -> dict[str, Role]:
@@ -165,24 +192,29 @@ def _towers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             and hasattr(m.config, "to_dict") and is_transformers_model(m)]
 
 
-def _decide(flow: Flow) -> dict[str, Role]:
-    """Rules in priority order; a module keeps the first role any of its calls gets."""
+def _decide(flow: Flow) -> tuple[dict[str, Role], dict[str, tuple[str, str]]]:
+    """Rules in priority order; a module keeps the first role any of its calls gets, and so does
+    an expert stack applied without a module (its MoE role, surgeon.capture.experts)."""
     decided: dict[str, Role] = {}
+    stacks: dict[str, tuple[str, str]] = {}
     taken: set[fx.Node] = set()
 
     def keep(found: list[Found]) -> None:
         for item in found:
-            module = flow.projs[item.node].module
+            module, param = flow.projs[item.node].module, flow.projs[item.node].param
             taken.add(item.node)
             if module is not None and module not in decided:
                 decided[module] = Role(item.role, item.evidence)
+            elif module is None and param not in stacks and is_expert_stack(flow.capture, param) \
+                    and (moe := expert_role(item.role, item.evidence)) is not None:
+                stacks[param] = moe
 
     keep(embed_roles(flow))
     keep(attention_roles(flow, find_cores(flow)))
     keep(router_roles(flow, _free(flow, taken)))
     keep(mlp_roles(flow, _free(flow, taken)))
     keep(head_roles(flow, _free(flow, taken)))
-    return decided
+    return decided, stacks
 
 
 def _free(flow: Flow, taken: set[fx.Node]) -> list[fx.Node]:

@@ -2,6 +2,12 @@
 
 A role says what a layer *does* in the dataflow graph, never what it is called. Role values are
 plain strings spelled as in the language (`@attn.q` in a spec is the role "attn.q").
+
+Most roles belong to modules. `moe.up` and `moe.down` belong to parameters: a MoE block's expert
+stacks, 3-D parameters `(experts, d1, d2)` in transformers 5 (Mixtral, Qwen-MoE, gpt-oss) that
+no Linear applies. `moe.up` feeds the experts' nonlinearity (fused gate_up, w1, w3), `moe.down`
+reads it (w2, down_proj); a rule selecting them adapts the parameter (LoRA's
+`target_parameters`, surgeon.capture.experts).
 """
 
 from __future__ import annotations
@@ -12,9 +18,12 @@ ROLES: tuple[str, ...] = (
     "xattn.q", "xattn.k", "xattn.v", "xattn.o", "xattn.qkv", "xattn.kv", "xattn.gate",
     "mlp.up", "mlp.gate", "mlp.down", "mlp.gate_up",
     "mixer.in", "mixer.out",
-    "moe.router",
+    "moe.router", "moe.up", "moe.down",
     "embed", "head", "other",
 )
+
+# Roles of parameters (MoE expert stacks), not of modules.
+PARAMETER_ROLES: tuple[str, ...] = ("moe.up", "moe.down")
 
 # Families a selector may name on its own: `@attn` is every attention projection, and so on.
 FAMILIES: tuple[str, ...] = ("attn", "xattn", "mlp", "mixer", "moe")

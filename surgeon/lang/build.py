@@ -19,7 +19,18 @@ from lark import Token, Transformer, v_args
 
 from surgeon.lang.diagnostics import Diagnostic, error
 from surgeon.lang.source import span_of_meta, span_of_token
-from surgeon.lang.spec import AllLinear, Glob, LayerSlice, ModuleType, Name, Regex, RoleRef, Span, Table
+from surgeon.lang.spec import (
+    AllLinear,
+    Glob,
+    LayerSlice,
+    ModuleType,
+    Name,
+    Param,
+    Regex,
+    RoleRef,
+    Span,
+    Table,
+)
 from surgeon.lang.syntax import (
     Located,
     RawAdapter,
@@ -230,6 +241,9 @@ class Builder(Transformer):
         if any(c in text for c in "*?["):
             return Glob(text, self._span(meta))
         return Name(text, self._span(meta))
+
+    def param(self, meta, children):
+        return Param(self._tok(children[0]).value, self._span(meta))
 
     def regex(self, meta, children):
         return Regex(unslash(children[0].value), self._span(meta))

@@ -16,6 +16,7 @@ from surgeon.lang.diagnostics import Diagnostic, did_you_mean, error
 from surgeon.lang.kinds import is_int, is_number, show
 from surgeon.lang.spec import Adapter, Alpha, Exclude, Feedforward, Rank, Rule, Save, Spec, Target, Tokens
 from surgeon.lang.syntax import Located, RawAdapter, RawRule, RawSpec
+from surgeon.methods.missing import why_missing
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
@@ -64,7 +65,13 @@ def _adapter(raw: RawAdapter, diags: list[Diagnostic]) -> Adapter:
         ))
     methods = vocab.methods()
     known = method.value in methods
-    if not known:
+    missing = None if known else why_missing(method.value)
+    if missing:
+        diags.append(error(
+            method.span, f"'{method.value}' is a PEFT method surgeon does not implement: {missing}",
+            hint="methods are " + ", ".join(methods),
+        ))
+    elif not known:
         diags.append(error(
             method.span, f"unknown method '{method.value}'",
             hint=did_you_mean(method.value, methods) or "methods are " + ", ".join(methods),

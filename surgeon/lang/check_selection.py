@@ -11,7 +11,21 @@ import re
 
 from surgeon.capture.names import selector_names
 from surgeon.lang.diagnostics import Diagnostic, did_you_mean, error
-from surgeon.lang.spec import Atom, Glob, Layers, LayerSlice, ModuleType, Name, Regex, RoleRef, Selection
+from surgeon.lang.spec import (
+    Atom,
+    Glob,
+    Layers,
+    LayerSlice,
+    ModuleType,
+    Name,
+    Param,
+    Regex,
+    RoleRef,
+    Selection,
+)
+
+# Rules whose selection may name bare parameters (`param ...`; LoRA's target_parameters).
+PARAM_RULES = ("target", "rank", "alpha")
 from surgeon.lang.syntax import Located, RawClause, RawLayers, RawSelection
 from surgeon.lang.vocabulary import MODULE_TYPES
 
@@ -22,6 +36,9 @@ def check_selection(raw: RawSelection, kind: str, diags: list[Diagnostic]) -> Se
     """The Selection of one rule of kind `kind`; problems go to `diags`."""
     for atom in raw.include:
         check_atom(atom, diags)
+        if isinstance(atom, Param) and kind not in PARAM_RULES:
+            diags.append(error(atom.span, f"a '{kind}' rule selects modules, not parameters",
+                               hint="`param` names parameters for target, rank and alpha rules"))
     if raw.layers is not None and kind in ("target", "feedforward"):
         diags.append(error(
             raw.layers.span, f"a '{kind}' rule must name modules, not only layers",
@@ -50,6 +67,9 @@ def check_selection(raw: RawSelection, kind: str, diags: list[Diagnostic]) -> Se
             exclude = clause.value
             for atom in exclude:
                 check_atom(atom, diags)
+                if isinstance(atom, Param):
+                    diags.append(error(atom.span, "`except` removes modules; `param` cannot be used there",
+                                       hint="list only the parameters you want"))
     return Selection(raw.include, layers, within, exclude, raw.span)
 
 
@@ -77,6 +97,8 @@ def check_atom(atom: Atom, diags: list[Diagnostic]) -> None:
         diags.append(error(atom.span, "this pattern is empty"))
     elif isinstance(atom, Regex):
         _check_regex(atom, diags)
+    elif isinstance(atom, Param):
+        check_name(Located(atom.name, atom.span), diags, what="parameter name")
 
 
 # A layer stack name (PEFT's layers_pattern): PEFT builds a regex around it, so only plain

@@ -42,12 +42,31 @@ def warning(span: Span, message: str, *, hint: str | None = None, notes=()) -> D
 
 
 def did_you_mean(word: str, choices: Iterable[str], quote: str = "'") -> str | None:
-    """A hint naming the choice closest to `word`, or None when nothing is close."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    if not close:
-        lowered = {c.lower(): c for c in choices}
-        close = [lowered[word.lower()]] if word.lower() in lowered else []
-    return f"did you mean {quote}{close[0]}{quote}?" if close else None
+    """A hint naming the choice closest to `word`, or None when nothing is close.
+
+    A case-insensitive equal wins; else, among difflib's close matches, the fewest typing
+    edits (a swap of two neighbours counts one: `lroa` is `lora`, not `road`)."""
+    choices = list(choices)
+    lowered = {c.lower(): c for c in choices}
+    if word.lower() in lowered:
+        best = lowered[word.lower()]
+    else:
+        close = difflib.get_close_matches(word, choices, n=5, cutoff=0.6)
+        best = min(close, key=lambda c: edits(word.lower(), c.lower()), default=None)
+    return f"did you mean {quote}{best}{quote}?" if best else None
+
+
+def edits(a: str, b: str) -> int:
+    """Optimal-string-alignment distance: insertions, deletions, substitutions, adjacent swaps."""
+    prev2, prev = None, list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        row = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if prev2 is not None and i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                row[j] = min(row[j], prev2[j - 2] + 1)
+        prev2, prev = prev, row
+    return prev[-1]
 
 
 def _excerpt(source: str, span: Span, indent: str = "") -> list[str]:

@@ -24,6 +24,7 @@ from surgeon.lang.spec import (
     Layers,
     ModuleType,
     Name,
+    Param,
     Rank,
     Regex,
     RoleRef,
@@ -40,7 +41,7 @@ from surgeon.lang.spec import (
 _BARE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 # Words the grammar reads as keywords somewhere; a name spelled like one is always quoted.
 RESERVED = frozenset(
-    {"adapter", "true", "false", "null", "in", "within", "except", "on", "of", "layers"}
+    {"adapter", "true", "false", "null", "in", "within", "except", "on", "of", "layers", "param"}
     | set(vocab.RULE_KEYWORDS)
 )
 INDENT = "    "
@@ -120,6 +121,8 @@ def print_atom(atom: Atom) -> str:
         return _quote(atom.pattern)
     if isinstance(atom, Regex):
         return "/" + _slash(atom.pattern) + "/"
+    if isinstance(atom, Param):
+        return "param " + _word(atom.name)
     raise TypeError(f"not a selector atom: {atom!r}")
 
 

@@ -8,7 +8,7 @@ Reading guide:
     Adapter     -> name, method, options (PEFT field names), rules in file order
     Rule        -> Target | Exclude | Rank | Alpha | Save | Feedforward | Tokens
     Selection   -> a union of atoms, restricted (layers, within) and minus `except` atoms
-    Atom        -> Name | Glob | Regex | ModuleType | RoleRef | AllLinear
+    Atom        -> Name | Glob | Regex | ModuleType | RoleRef | AllLinear | Param
 
 Precedence of `rank`/`alpha` rules (several may match one module): the *most specific* rule
 wins, meaning the rule whose selection matches the fewest of the adapter's sites; among equally
@@ -97,7 +97,16 @@ class AllLinear:
     span: Span = _span()
 
 
-Atom = Union[Name, Glob, Regex, ModuleType, RoleRef, AllLinear]
+@dataclass(frozen=True, slots=True)
+class Param:
+    """`param experts.gate_up_proj`: bare parameters, PEFT's target_parameters match (the
+    parameter's path equals the name or ends with "." + it); LoRA adapts them (MoE experts)."""
+
+    name: str
+    span: Span = _span()
+
+
+Atom = Union[Name, Glob, Regex, ModuleType, RoleRef, AllLinear, Param]
 
 
 @dataclass(frozen=True, slots=True)

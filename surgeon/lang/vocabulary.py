@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from surgeon import methods as registry
 from surgeon.lang.spec import Option, Value
-from surgeon.layer_kinds import KINDS
+from surgeon.layer_kinds import ANY_MODULE_KINDS, KINDS
 from surgeon.methods.base import Field
 
 __all__ = [
@@ -43,8 +43,9 @@ def methods() -> tuple[str, ...]:
 
 # Class names a bare capitalised word may name in a selector (matched by class or subclass).
 MODULE_TYPES: tuple[str, ...] = (
-    # adaptable by the methods (surgeon.layer_kinds.KINDS) and their quantized / lazy forms
-    *KINDS,
+    # adaptable by the methods (surgeon.layer_kinds.KINDS; "Norm" and "Module" name no class)
+    # and their quantized / lazy forms
+    *(k for k in KINDS if k not in ANY_MODULE_KINDS),
     "LazyLinear", "NonDynamicallyQuantizableLinear", "Linear4bit", "Linear8bitLt",
     "MultiheadAttention", "Bilinear", "EmbeddingBag",
     "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",

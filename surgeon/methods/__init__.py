@@ -29,7 +29,20 @@ BUILTIN: tuple[str, ...] = (
     "lokr",
     "vera",
     "oft",
+    "boft",
     "hra",
+    "ln_tuning",
+    "fourierft",
+    "miss",
+    "randlora",
+    "shira",
+    "road",
+    "delora",
+    "c3a",
+    "waveft",
+    "vblora",
+    "gralora",
+    "osf",
 )
 
 _configs: dict[str, MethodConfig] = {}  # loaded or registered, by name

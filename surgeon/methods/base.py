@@ -111,6 +111,16 @@ class MethodConfig:
         shared_keys: containers holding one tensor per adapter for the whole model (VeRA's
             projections), which every adapted layer references; the checkpoint holds each once
             as PEFT's `base_model.<name>` (see `surgeon.runtime.method`'s shared containers).
+        checkpoint_codec: "module:attribute" of an object re-encoding the method's checkpoint
+            tensors where PEFT's keys or values are not the state_dict's (VB-LoRA's top-k
+            logits): `encode(tensors, config) -> tensors` on save (PEFT keys, the adapter's
+            config dict), `decode(tensors, model_state, adapter) -> tensors` on load, which
+            must return tensors it does not recognise unchanged (every codec sees every load).
+        whole_modules: the method adapts any module as a whole (LN tuning's per-adapter copies):
+            its sites' kinds are `surgeon.layer_kinds.whole_kind_of`'s ("Norm" or "Module").
+        default_names: (model_type, names) pairs: PEFT's per-architecture classic placement by
+            module names, for methods whose placement no role names (LN tuning's norms); with
+            no target rule, a model whose `config.model_type` is listed gets those names.
     """
 
     name: str
@@ -134,6 +144,9 @@ class MethodConfig:
     bare_keys: tuple[str, ...] = ()
     flag_rules: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
     shared_keys: tuple[str, ...] = ()
+    checkpoint_codec: str | None = None
+    whole_modules: bool = False
+    default_names: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def field(self, name: str) -> Field | None:
         """The option `name` (PEFT field name or alias), or None."""

@@ -14,9 +14,10 @@ Surgeon's in-memory names equal PEFT's, so the key mapping here is PEFT 0.21's
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from surgeon import methods
 from surgeon.lang.matching import full_matches
@@ -85,6 +86,30 @@ def _bare_keys() -> tuple[str, ...]:
 def _shared_keys() -> tuple[str, ...]:
     """Every method's model-level containers (`MethodConfig.shared_keys`)."""
     return tuple(key for name in methods.names() for key in methods.config_of(name).shared_keys)
+
+
+def _codecs() -> dict[str, Any]:
+    """Every method's checkpoint codec (`MethodConfig.checkpoint_codec`) by peft_type."""
+    out = {}
+    for config in map(methods.config_of, methods.names()):
+        if config.checkpoint_codec:
+            module, _, attribute = config.checkpoint_codec.partition(":")
+            out[config.peft_type] = getattr(importlib.import_module(module), attribute)
+    return out
+
+
+def _encoded(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """PEFT's checkpoint tensors of a method that re-encodes them (VB-LoRA's top-k logits)."""
+    codec = _codecs().get(config.get("peft_type"))
+    return tensors if codec is None else codec.encode(tensors, config)
+
+
+def _decoded(tensors: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor],
+             adapter: str) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors in state_dict form: each codec decodes what it recognises."""
+    for codec in _codecs().values():
+        tensors = codec.decode(tensors, model_state, adapter)
+    return tensors
 
 
 def _under(key: str, path: str) -> str | None:
@@ -174,7 +199,7 @@ def adapter_state_dict(state_dict: dict[str, torch.Tensor], layout: Layout, adap
     out = {checkpoint_key(k, adapter): v for k, v in chosen.items()}
     for rel, key in _saved_keys(kept, layout, adapter).items():
         out[PREFIX + strip_adapter_name(rel, adapter)] = kept[key]
-    return out
+    return _encoded(out, config)
 
 
 def load_key_map(state_dict: dict[str, torch.Tensor], layout: Layout, adapter: str) -> dict[str, str]:
@@ -192,6 +217,7 @@ def match_checkpoint(tensors: dict[str, torch.Tensor], model_state: dict[str, to
     Keys the adapter owns must all be present; other keys (trained biases, saved embeddings)
     must name an existing model tensor. Every shape must agree.
     """
+    tensors = _decoded(tensors, model_state, adapter)
     expected = load_key_map(model_state, layout, adapter)
     # PEFT's bias="all" also writes each saved copy's bias without the adapter name
     # (`score.modules_to_save.bias`); it loads nowhere in PEFT either, and `score.bias` has it.

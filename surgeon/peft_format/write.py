@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from surgeon import methods as registry
 from surgeon.lang.spec import (
@@ -24,6 +25,7 @@ from surgeon.lang.spec import (
     LayerSlice,
     ModuleType,
     Name,
+    Param,
     Rank,
     Regex,
     RoleRef,
@@ -80,7 +82,17 @@ def peft_config_from_adapter(adapter: Adapter) -> dict:
         "trainable_token_indices": _tokens(adapter.rules_of(Tokens)),
         **_patterns(adapter),
     }
+    if selected["exclude_modules"] and "exclude_modules" not in selectors(adapter.method):
+        # PEFT's config has no field for it (VeRA, RandLoRA): only the resolved sites can say it
+        raise NeedsModelError(f"an exclude rule needs the model: PEFT's {out['peft_type']} config "
+                              "has no exclude_modules", adapter.rules_of(Exclude)[0].span)
+    if selected["layers_to_transform"] is not None and "layers_to_transform" not in selectors(adapter.method):
+        # no layers_to_transform either (OSF, LN tuning): only the resolved sites can say it
+        raise NeedsModelError(f"a layer restriction needs the model: PEFT's {out['peft_type']} config "
+                              "has no layers_to_transform", adapter.rules_of(Target)[0].span)
     out.update((k, v) for k, v in selected.items() if k in selectors(adapter.method))
+    if named := _parameter_names(adapter):  # `target param ...`: LoRA's target_parameters
+        out["target_parameters"] = list(dict.fromkeys([*(out.get("target_parameters") or ()), *named]))
     return out
 
 
@@ -103,7 +115,10 @@ def peft_config_for_sites(adapter: Adapter, sites: Sequence[Site], *,
         raise ConversionError(f"the sites must be those of adapter `{adapter.name}`, and not none")
     out = _header(adapter)
     method = adapter.method
-    mine = [s for s in mine if s.kind != "Parameter"]  # LoRA's target_parameters: in the header
+    stacks = [s for s in mine if s.kind == "Parameter"]  # LoRA's target_parameters, full paths
+    if stacks:
+        out["target_parameters"] = [f"{s.path}.{s.option('parameter_name')}" for s in stacks]
+    mine = [s for s in mine if s.kind != "Parameter"]
     paths = list(dict.fromkeys(s.path for s in mine))
     selected: dict = {
         "target_modules": paths_regex(paths) if paths else [],
@@ -113,8 +128,9 @@ def peft_config_for_sites(adapter: Adapter, sites: Sequence[Site], *,
     config = registry.config_of(method)
     if config.rank_field and config.alpha_field and "rank" in config.rules:
         base_r, base_alpha = out[config.rank_field], out[config.alpha_field]
-        selected["rank_pattern"] = {_path_key(s.path): s.r for s in mine if s.r != base_r}
-        selected["alpha_pattern"] = {_path_key(s.path): _number(s.alpha) for s in mine
+        keyed = [(_site_key(s), s) for s in mine + stacks]
+        selected["rank_pattern"] = {_path_key(k): s.r for k, s in keyed if s.r != base_r}
+        selected["alpha_pattern"] = {_path_key(k): _number(s.alpha) for k, s in keyed
                                      if s.alpha != base_alpha}
     if "feedforward_modules" in selectors(method):
         forward = [s.path for s in mine if s.option("is_feedforward", False)]
@@ -149,6 +165,12 @@ def _number(value: float):
 
 
 # --------------------------------------------------------------------------- regexes of paths
+
+
+def _site_key(site: Site) -> str:
+    """What PEFT matches rank_pattern keys against: the module path, or for a bare parameter
+    (a ParamWrapper) `<module path>.<parameter name>`."""
+    return f"{site.path}.{site.option('parameter_name')}" if site.kind == "Parameter" else site.path
 
 
 def _path_key(path: str) -> str:
@@ -187,11 +209,29 @@ def _alternation(items: list[str]) -> str:
 # --------------------------------------------------------------------------- selectors
 
 
+def _parameter_names(adapter: Adapter) -> list[str]:
+    """The `param` atoms of target rules, which PEFT matches as target_parameters entries (no
+    layer restriction, scope or `except` applies to those: they need the model)."""
+    names = []
+    for rule in adapter.rules_of(Target):
+        params = [a for a in rule.selection.include if isinstance(a, Param)]
+        if params and (rule.selection.layers or rule.selection.within or rule.selection.exclude):
+            raise NeedsModelError("a `param` target with a layer restriction, `within` or `except` "
+                                  "needs the model (PEFT's target_parameters has none)", params[0].span)
+        names += [a.name for a in params]
+    return names
+
+
 def _targets(adapter: Adapter) -> dict:
     selections = [t.selection for t in adapter.rules_of(Target)]
     none = {"target_modules": None, "layers_to_transform": None, "layers_pattern": None}
     if not selections:
         return none  # PEFT's per-architecture default targets
+    modules = [replace(s, include=tuple(a for a in s.include if not isinstance(a, Param)))
+               for s in selections]
+    selections = [s for s in modules if s.include]
+    if not selections:
+        return {**none, "target_modules": []}  # parameters only
     for s in selections:
         _no_restrictions(s, "target", layers_ok=True)
     atoms = [a for s in selections for a in s.include]
@@ -303,7 +343,7 @@ def _tokens(rules: tuple[Tokens, ...]):
 def _patterns(adapter: Adapter) -> dict:
     out = {}
     for kind, field in ((Rank, "rank_pattern"), (Alpha, "alpha_pattern")):
-        rules = adapter.rules_of(kind)
+        rules = tuple(_params_as_names(r) for r in adapter.rules_of(kind))
         for rule in rules:
             _no_restrictions(rule.selection, kind.__name__.lower(), except_ok=True)
         try:
@@ -314,6 +354,13 @@ def _patterns(adapter: Adapter) -> dict:
 
 
 # --------------------------------------------------------------------------- atoms
+
+
+def _params_as_names(rule):
+    """`rank 4 on param x`: PEFT matches a pattern key against a parameter's path as against a
+    module's, so the key is the name's."""
+    include = tuple(Name(a.name, a.span) if isinstance(a, Param) else a for a in rule.selection.include)
+    return replace(rule, selection=replace(rule.selection, include=include))
 
 
 def _no_restrictions(selection: Selection, rule: str, *, layers_ok: bool = False,

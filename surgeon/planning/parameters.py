@@ -4,15 +4,21 @@ Why a separate step: PEFT matches these names against parameters, not modules, a
 module owning each match. Its matching (`BaseTuner._inject_parameters`): for every module in
 `named_modules()` order, every parameter it holds directly, the key `<module path>.<name>`
 matches an entry equal to it or ending with `.<entry>`. Each match becomes one Site of kind
-"Parameter" at the owning module's path, the parameter's name in its options.
+"Parameter" at the owning module's path, the parameter's name in its options. The language's
+`param` atoms and expert-stack roles (`@moe.up`) add full parameter paths to those entries.
+`rank`/`alpha` rules apply by parameter path, as PEFT's rank_pattern keys match
+`<module>.<parameter>` for a ParamWrapper.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
 
 from torch import nn
 
+from surgeon.lang.spec import NO_SPAN
 from surgeon.planning.site import Site
 
 KIND = "Parameter"  # surgeon.methods.lora.param.KIND (planning imports no method runtime)
@@ -48,8 +54,38 @@ def parameter_sites(model: nn.Module, adapter, wanted: Sequence[str], module_pat
             raise fail(f"`{path}` is targeted as a module and its parameter `{name}` by "
                        "target_parameters; PEFT refuses that too (drop one)")
         if path in seen:
-            raise fail(f"`{path}`: more than one of its parameters is targeted; surgeon adapts "
-                       "one parameter per module for now (PEFT nests wrappers)")
+            raise fail(f"`{path}`: more than one of its parameters is targeted (`{name}` and "
+                       f"another); PEFT nests one lora.ParamWrapper per parameter (keys under "
+                       f"`{path}.base_layer.`), which surgeon does not build yet: target one "
+                       "parameter per module (e.g. `@moe.down` or `@moe.up`, not both)")
         seen.add(path)
         sites.append(make(path, {NAME_OPTION: name}))
     return tuple(sites)
+
+
+def planned_sites(planner: Any, adapter, wanted: Sequence[str], kept: set[str],
+                  values: dict[str, dict[str, Any]]) -> tuple[Site, ...]:
+    """The Sites of `wanted` for `planner` (a planning.planner._Planner), each with the rank and
+    alpha its `rank`/`alpha` rules give its parameter path (`values`), else the adapter's."""
+    from surgeon import methods
+
+    config, runtime = methods.config_of(adapter.method), methods.runtime_of(adapter.method)
+    node = next((o for o in adapter.options if o.name == "target_parameters"), None)
+    r0, alpha0 = adapter.option(config.rank_field), adapter.option(config.alpha_field)
+    base = {n: adapter.option(n) for n in config.site_options}
+    base["fan_in_fan_out"] = adapter.option("fan_in_fan_out")  # refused there, as in PEFT
+
+    def make(path: str, extra: dict) -> Site:
+        key = f"{path}.{extra[NAME_OPTION]}"
+        rule = planner.picked.get(key) or node or adapter
+        r, alpha = values["rank"].get(key, r0), values["alpha"].get(key, alpha0)
+        options = {**base, **extra}
+        site = Site(path=path, kind=KIND, method=adapter.method, adapter=adapter.name,
+                    r=r, alpha=float(alpha), scaling=config.scaling(alpha, r, options),
+                    options=tuple(sorted(options.items())),
+                    rule="" if rule.span == NO_SPAN else rule.span.location())
+        return replace(site, params=runtime.num_params(planner.resolver.modules[path], site))
+
+    at = node or next(iter(planner.picked.values()), adapter)
+    return parameter_sites(planner.resolver.model, adapter, wanted, kept, make,
+                           lambda message: planner.error(message, at))

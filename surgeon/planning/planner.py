@@ -30,6 +30,8 @@ from surgeon.lang.spec import (
     Adapter,
     Alpha,
     Exclude,
+    Name,
+    Param,
     Rank,
     RoleRef,
     Save,
@@ -38,8 +40,8 @@ from surgeon.lang.spec import (
     Target,
     Tokens,
 )
-from surgeon.layer_kinds import input_embedding, kind_of
-from surgeon.planning import parameters
+from surgeon.layer_kinds import input_embedding, kind_of, whole_kind_of
+from surgeon.planning import liveness, parameters
 from surgeon.planning.plans import AdapterPlan, Plan, Unmatched
 from surgeon.planning.select import (
     PlanError,
@@ -129,7 +131,10 @@ class _Planner:
                                  next(o for o in adapter.options if o.name == name))
         task_type = adapter.option("task_type")
         wanted = tuple(adapter.option("target_parameters", None) or ())  # LoRA's bare params
+        self.picked: dict[str, Target] = {}  # parameter path -> the target rule selecting it
         chosen = self.targets(adapter, task_type) if adapter.rules_of(Target) or not wanted else {}
+        wanted += tuple(p for p in self.picked if p not in wanted)
+        self.keys = tuple(f"{p}.{n}" for p, n in parameters.matches(self.resolver.model, wanted))
         removed = set().union(*(self.select(adapter, r, "exclude", task_type)
                                 for r in adapter.rules_of(Exclude)))
         heads = TASK_HEADS.get(task_type, ())
@@ -147,7 +152,7 @@ class _Planner:
         save += tuple(p for p in head_paths if p not in save)
         self.check_saved(adapter, sites, save)
         if conflict := set(save) & {p for p, _ in tokens}:
-            raise self.error(f"`{sorted(conflict)[0]}` is both saved whole and token-trained; "
+            raise self.error(f"`{min(conflict)}` is both saved whole and token-trained; "
                              "choose `save` or `tokens`", adapter)
         params = sum(s.params for s in sites) + self.extra_params(adapter, sites, save, tokens)
         self.check_size(adapter, params)
@@ -172,8 +177,13 @@ class _Planner:
         found: dict[str, Target | None] = {}
         for rule in rules:
             paths = self.resolver.select(rule.selection, task_type=task_type)
-            if not paths:
+            params = self.resolver.select_parameters(rule.selection)
+            if not paths and not params:
                 raise self.no_match(rule, task_type)
+            if params and methods.config_of(adapter.method).field("target_parameters") is None:
+                raise self.error(f"`{self.text(rule, 'target')}` selects bare parameters, which only "
+                                 f"LoRA adapts (target_parameters); {adapter.method} cannot", rule)
+            self.picked.update((p, rule) for p in params if p not in self.picked)
             self.note_dead_atoms(adapter, rule, task_type)
             for p in paths:
                 found.setdefault(p, rule)
@@ -181,7 +191,7 @@ class _Planner:
         return dict(sorted(found.items(), key=lambda item: order[item[0]]))
 
     def default_targets(self, adapter: Adapter) -> dict[str, Target | None]:
-        selection = _default_selection(adapter.method)
+        selection = _default_selection(adapter.method, self.resolver.model)
         hint = "add a `target` rule (names, types or all-linear)"
         if not selection.include:
             raise self.error(f"adapter `{adapter.name}` has no target rule, and {adapter.method} has "
@@ -206,13 +216,14 @@ class _Planner:
             return self.error(f"`{text}` matches modules, but none inside its restrictions "
                               f"({_restrictions(rule.selection, sel)})", rule)
         near = [n for a in rule.selection.include for n in closest(a, sel)]
-        return self.error(f"`{text}` matches no module of `{type(sel.model).__name__}`", rule,
+        what = "parameter" if any(isinstance(a, Param) for a in rule.selection.include) else "module"
+        return self.error(f"`{text}` matches no {what} of `{type(sel.model).__name__}`", rule,
                           hint=_did_you_mean(list(dict.fromkeys(near))))
 
     def note_dead_atoms(self, adapter: Adapter, rule: Target, task_type) -> None:
         atoms = rule.selection.include
         for atom in atoms if len(atoms) > 1 else ():
-            if not self.resolver.atom(atom, task_type=task_type):
+            if not self.resolver.atom(atom, task_type=task_type) and not self.resolver.param_atom(atom):
                 self.unmatched.append(Unmatched(adapter.name, "target", describe(atom),
                                                 _location(atom) or _location(rule)))
 
@@ -238,20 +249,24 @@ class _Planner:
         runtime = methods.runtime_of(adapter.method)
         ranks = self.patterns(adapter, Rank, "rank", kept, task_type)
         alphas = self.patterns(adapter, Alpha, "alpha", kept, task_type)
+        self.values = {"rank": ranks, "alpha": alphas}  # parameter sites read theirs here
         r0 = adapter.option(config.rank_field) if config.rank_field else 0
         alpha0 = adapter.option(config.alpha_field) if config.alpha_field else 0
         base = {n: adapter.option(n) for n in config.site_options}
-        default = "default(" + ", ".join(map(describe, _default_selection(adapter.method).include)) + ")"
+        classic = _default_selection(adapter.method, self.resolver.model)
+        default = "default(" + ", ".join(map(describe, classic.include)) + ")"
         where = {id(r): _location(r) for r in adapter.rules_of(Target)}
         flags = self.flags(adapter, config, kept, task_type)
         out = []
         for path, rule in kept.items():
             module = self.resolver.modules[path]
-            kind = kind_of(module)
+            kind = whole_kind_of(module) if config.whole_modules else kind_of(module)
             if kind is None:
                 raise unsupported(path, module, rule.span if rule else adapter.span, self.source)
             if dead := never_runs(self.resolver.model, path):  # warns of fast paths too
                 raise self.error(f"`{path}` {dead[0]}", rule or adapter, hint=dead[1])
+            if (why := liveness.refusal(self.resolver, path)) is not None:
+                raise self.error(f"`{path}` {why[0]}", rule or adapter, hint=why[1])
             options = config.site_options_for(
                 kind, {**base, **{name: path in paths for name, paths in flags.items()}})
             if problem := config.site_problem(kind, options):
@@ -262,29 +277,18 @@ class _Planner:
                 alpha=float(alpha), scaling=config.scaling(alpha, r, options) if r else 1.0,
                 options=tuple(sorted(options.items())), rule=where[id(rule)] if rule else default,
             )
+            if problem := _module_problem(runtime, module, site):
+                raise self.error(f"`{path}` {problem}", rule or adapter)
             out.append(replace(site, params=runtime.num_params(module, site)))
+        liveness.warn_unreached(self.resolver, adapter.name, [s.path for s in out])
         return tuple(out)
 
     def parameter_sites(self, adapter: Adapter, wanted: tuple[str, ...], kept) -> tuple[Site, ...]:
-        """One Site per parameter `target_parameters` matches (`surgeon.planning.parameters`),
-        with the adapter's rank and alpha (rank/alpha rules select modules, not parameters)."""
+        """One Site per parameter `target_parameters` or a `param`/`@moe` rule selects, with
+        `rank`/`alpha` rules applied by parameter path (surgeon.planning.parameters)."""
         if not wanted:
             return ()
-        config, runtime = methods.config_of(adapter.method), methods.runtime_of(adapter.method)
-        node = next(o for o in adapter.options if o.name == "target_parameters")
-        r, alpha = adapter.option(config.rank_field), adapter.option(config.alpha_field)
-        base = {n: adapter.option(n) for n in config.site_options}
-        base["fan_in_fan_out"] = adapter.option("fan_in_fan_out")  # refused there, as in PEFT
-
-        def make(path: str, extra: dict) -> Site:
-            options = {**base, **extra}
-            site = Site(path=path, kind=parameters.KIND, method=adapter.method, adapter=adapter.name,
-                        r=r, alpha=float(alpha), scaling=config.scaling(alpha, r, options),
-                        options=tuple(sorted(options.items())), rule=_location(node))
-            return replace(site, params=runtime.num_params(self.resolver.modules[path], site))
-
-        return parameters.parameter_sites(self.resolver.model, adapter, wanted, set(kept), make,
-                                          lambda message: self.error(message, node))
+        return parameters.planned_sites(self, adapter, wanted, set(kept), self.values)
 
     def flags(self, adapter: Adapter, config, kept, task_type) -> dict[str, set[str]]:
         """Site option -> the kept paths its flag rules select (`MethodConfig.flag_rules`, such
@@ -303,10 +307,14 @@ class _Planner:
         return out
 
     def patterns(self, adapter: Adapter, kind: type, name: str, kept, task_type) -> dict[str, Any]:
-        """Per-path value of `rank`/`alpha` rules: most specific (fewest sites) wins, then later."""
+        """Per-path value of `rank`/`alpha` rules: most specific (fewest sites) wins, then later.
+        Planned parameter paths (`self.keys`) count as sites too, matched as PEFT matches
+        rank_pattern keys against them (surgeon.planning.select.Resolver.select_parameters)."""
         best: dict[str, tuple[tuple[int, int], Any]] = {}
         for order, rule in enumerate(adapter.rules_of(kind)):
             hits = [p for p in self.resolver.select(rule.selection, task_type=task_type) if p in kept]
+            if self.keys:
+                hits += self.resolver.select_parameters(rule.selection, keys=self.keys)
             if not hits:
                 self.note(adapter, rule, name)
             key = (len(hits), -order)
@@ -391,6 +399,10 @@ class _Planner:
         outer = {id(m): m for m in (model.get_submodule(p) for p in save if not _inside(p, save))}
         total = sum(_numel(m) for m in outer.values())
         total += sum(len(ix) * model.get_submodule(p).weight.shape[-1] for p, ix in tokens)
+        # trainable tensors shared by the sites (VB-LoRA's vector bank), the runtime's optional
+        # `shared_params(sites)` (surgeon.runtime.method)
+        shared = getattr(methods.runtime_of(adapter.method), "shared_params", None) if sites else None
+        total += shared(sites) if shared is not None else 0
         bias = adapter.option("bias", "none")
         if bias == "all":  # PEFT: every parameter named `bias`, except a saved module's frozen original
             total += sum(p.numel() for n, p in model.named_parameters()
@@ -419,14 +431,27 @@ def _inside(name: str, roots: tuple[str, ...]) -> bool:
     return any(name.startswith(r + ".") for r in roots)
 
 
+def _module_problem(runtime, module: nn.Module, site: Site) -> str | None:
+    """Why the method cannot adapt this very module (its sizes: GraLoRA's k must divide
+    them), from the runtime's optional `module_problem` (`surgeon.runtime.method`)."""
+    check = getattr(runtime, "module_problem", None)
+    return None if check is None else check(module, site)
+
+
 def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _default_selection(method: str) -> Selection:
+def _default_selection(method: str, model: nn.Module) -> Selection:
     """The method's classic placement (LoRA: Hu et al.'s query and value projections), by role
-    instead of PEFT's per-architecture name tables."""
-    return Selection(tuple(RoleRef(role) for role in methods.config_of(method).default_targets))
+    instead of PEFT's per-architecture name tables; a method no role places (LN tuning's norms)
+    takes PEFT's names for the model's type (`MethodConfig.default_names`)."""
+    config = methods.config_of(method)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    names = dict(config.default_names).get(model_type)
+    if names is not None:
+        return Selection(tuple(Name(n) for n in names))
+    return Selection(tuple(RoleRef(role) for role in config.default_targets))
 
 
 def _did_you_mean(names: list[str]) -> str:

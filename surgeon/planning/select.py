@@ -23,7 +23,7 @@ from functools import cached_property
 
 from torch import nn
 
-from surgeon.capture.names import role_matches
+from surgeon.capture.names import PARAMETER_ROLES, role_matches
 from surgeon.errors import UserError
 from surgeon.lang.diagnostics import Diagnostic, error, render_one
 from surgeon.lang.matching import RegexTooSlow, full_matches
@@ -35,12 +35,14 @@ from surgeon.lang.spec import (
     Layers,
     ModuleType,
     Name,
+    Param,
     Regex,
     RoleRef,
     Selection,
     Span,
 )
 from surgeon.layer_kinds import (
+    ANY_MODULE_KINDS,
     KINDS,
     LINEAR_KINDS,
     is_transformers_model,
@@ -98,13 +100,16 @@ def describe(atom: Atom) -> str:
         return atom.name
     if isinstance(atom, RoleRef):
         return f"@{atom.role}"
+    if isinstance(atom, Param):
+        return f"param {atom.name}"
     return "all-linear"
 
 
 def unsupported(path: str, module: nn.Module, span: Span | None = None, source: str = "") -> PlanError:
     """PEFT raises too when a target is no adaptable layer (e.g. a name matching a container)."""
     container = next(module.children(), None) is not None
-    kinds = ", ".join(k for k in KINDS if k != "Parameter")  # bare parameters: target_parameters
+    # bare parameters: target_parameters; whole modules: methods with `whole_modules` only
+    kinds = ", ".join(k for k in KINDS if k != "Parameter" and k not in ANY_MODULE_KINDS)
     return PlanError(
         f"`{path}` ({type(module).__name__}) cannot be adapted; supported kinds: {kinds}",
         span, source=source,
@@ -166,16 +171,71 @@ class Resolver:
         return self._by_pattern[pattern]
 
     @cached_property
-    def roles(self) -> dict[str, str]:
-        from surgeon.capture.infer import infer_roles  # capture is costly: only for role selectors
+    def analysis(self):
+        """Roles of layers and expert stacks, and reach, from one capture (only when a role
+        selector needs it: capture is costly)."""
+        from surgeon.capture.infer import analyse
 
         try:
-            roles = infer_roles(self.model, example_inputs=self.example_inputs)
+            return analyse(self.model, example_inputs=self.example_inputs)
         except Exception as error:
             error.add_note("roles were needed by a role selector (`@...`); name, type, layer and "
                            "all-linear selectors work from the module tree alone")
             raise
-        return {p: role for p, role in roles.items() if p in self.modules}
+
+    @cached_property
+    def roles(self) -> dict[str, str]:
+        return {p: role for p, role in self.analysis.roles.items() if p in self.modules}
+
+    def unreached(self, path: str) -> tuple[str, bool] | None:
+        """(why, certain) when the captured forward never calls `path` (surgeon.capture.reach).
+        Only when a role selector already made a capture: a plan by names alone is unchecked."""
+        return self.analysis.unreached.get(path) if "analysis" in self.__dict__ else None
+
+    @cached_property
+    def parameters(self) -> tuple[str, ...]:
+        """Every parameter path (owner path + name, each owner once), PEFT's matching order."""
+        return tuple(f"{p}.{n}" if p else n for p, m in self.model.named_modules()
+                     for n, _ in m.named_parameters(recurse=False))
+
+    def select_parameters(self, selection: Selection, *, keys: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """Parameter paths `selection` names: its `param` atoms and the roles of expert stacks
+        (`@moe.up`), within its `within`/`layers` restrictions (by the owning module), minus the
+        parameters its `except` atoms select and those of the modules they select.
+
+        With `keys` (the planned parameter paths, for `rank`/`alpha` rules), names, globs and
+        regexes match them too, as PEFT matches rank_pattern keys against a parameter's path,
+        and a bare layer restriction selects those in its layers."""
+        pool = keys or self.parameters
+        if not selection.include:
+            chosen = set(keys)
+        else:
+            chosen = set().union(*(self.param_atom(a, pool, names=bool(keys)) for a in selection.include))
+        owners = {p: p.rpartition(".")[0] for p in chosen}
+        if selection.within is not None:
+            chosen = {p for p in chosen if owners[p] in self.subtree(selection.within)}
+        if selection.layers is not None:
+            chosen = {p for p in chosen if owners[p] in self.in_layers(selection.layers)}
+        for atom in selection.exclude:
+            gone = self.atom(atom)
+            chosen = {p for p in chosen if owners[p] not in gone} - self.param_atom(atom, pool)
+        return tuple(p for p in pool if p in chosen)
+
+    def param_atom(self, atom: Atom, pool: tuple[str, ...] = (), names: bool = False) -> set[str]:
+        """Parameter paths of `pool` (default: all) one atom names; module selectors (names,
+        globs, regexes) only with `names`, for rank/alpha rules."""
+        pool = pool or self.parameters
+        if isinstance(atom, Param) or (names and isinstance(atom, Name)):
+            name = atom.name if isinstance(atom, Param) else atom.pattern
+            return {p for p in pool if p == name or p.endswith("." + name)}
+        if isinstance(atom, RoleRef) and _may_name_parameters(atom.role):
+            roles = self.analysis.parameters
+            return {p for p in pool if p in roles and role_matches(atom.role, roles[p])}
+        if names and isinstance(atom, Glob):
+            return {p for p in pool if glob_matches(atom.pattern, p)}
+        if names and isinstance(atom, Regex):
+            return set(full_matches(atom.pattern, pool))
+        return set()
 
     def select(self, selection: Selection, *, task_type: str | None = None) -> tuple[str, ...]:
         """Paths `selection` names, in model order: (∪ include) ∩ within ∩ layers − except."""
@@ -199,6 +259,8 @@ class Resolver:
         if not refs:
             return
         doubt = {p for p, r in self.roles.items() if getattr(r, "uncertain", "")}
+        doubt |= {p.rpartition(".")[0] for p, r in self.analysis.parameters.items()
+                  if r.uncertain and any(_may_name_parameters(a.role) for a in refs)}
         if selection.within is not None:
             doubt &= self.subtree(selection.within)
         if selection.layers is not None:
@@ -207,9 +269,12 @@ class Resolver:
             doubt -= self.atom(atom)
         if doubt:
             first = next(p for p in self.paths if p in doubt)
+            why = getattr(self.roles.get(first), "uncertain", "") or next(
+                r.uncertain for p, r in self.analysis.parameters.items()
+                if p.startswith(first + ".") and r.uncertain)
             raise PlanError(
                 f"`{describe(refs[0])}` cannot be resolved with certainty: {len(doubt)} layer(s) in "
-                f"its scope have uncertain roles, e.g. `{first}`: {self.roles[first].uncertain}",
+                f"its scope have uncertain roles, e.g. `{first}`: {why}",
                 refs[0].span, source=self.source,
                 hint="pass inputs that reach them (`--input`, `example_inputs=`), leave them out "
                      "with `within`/`except`, or select by name or type")
@@ -245,6 +310,8 @@ class Resolver:
                              if any(c.__name__ == atom.name for c in type(m).__mro__))
         if isinstance(atom, RoleRef):
             return frozenset(p for p, role in self.roles.items() if role_matches(atom.role, role))
+        if isinstance(atom, Param):
+            return frozenset()  # selects parameters: select_parameters
         assert isinstance(atom, AllLinear), atom
         return self.all_linear(task_type)
 
@@ -262,6 +329,11 @@ class Resolver:
             heads = (getattr(self.model, n, None) for n in ("score", "classifier"))
             head = next((h for h in heads if h is not None), None)
         return [p for p, m in self.modules.items() if m is head][:1] if head is not None else []
+
+
+def _may_name_parameters(selector: str) -> bool:
+    """Whether a role selector may select expert stacks (`@moe`, `@moe.up`, `@moe.down`)."""
+    return any(role_matches(selector, r) for r in PARAMETER_ROLES)
 
 
 def glob_matches(pattern: str, path: str) -> bool:
@@ -289,6 +361,10 @@ def closest(atom: Atom, resolver: Resolver, n: int = 3) -> list[str]:
         return difflib.get_close_matches(atom.name, names, n=n, cutoff=0.5)
     if isinstance(atom, RoleRef):
         return ["@" + r for r in sorted(set(resolver.roles.values()))][: n * 3]
+    if isinstance(atom, Param):
+        depth = atom.name.count(".") + 1
+        pool = {".".join(p.split(".")[-depth:]) for p in resolver.parameters}
+        return ["param " + m for m in difflib.get_close_matches(atom.name, sorted(pool), n=n, cutoff=0.5)]
     return []
 
 

@@ -158,15 +158,17 @@ class AdaptedLayer(nn.Module):
         return [a for a in self.active if a in self.sites]
 
     def adapter_parameters(self, adapter: str) -> Iterator[nn.Parameter]:
-        """The parameters of `adapter` on this layer (shared containers hold none: buffers)."""
+        """The parameters of `adapter` on this layer; a shared container's only when they are
+        Parameters (VB-LoRA's vector bank), not buffers (VeRA's projections)."""
         shared = shared_containers(self.method)
         for name, _ in self.method.containers:
-            if name in shared:
-                continue
             table = self._modules[name]
             if adapter in table:
                 item = table[adapter]
-                yield from (item.parameters() if isinstance(item, nn.Module) else (item,))
+                if isinstance(item, nn.Module) and name not in shared:
+                    yield from item.parameters()
+                elif isinstance(item, nn.Parameter):  # a per-adapter buffer (DeLoRA's norms) is not
+                    yield item
 
     def add_adapter(self, site: Site) -> None:
         """Add `site.adapter`; it starts inactive and frozen unless it is the active one."""
@@ -391,10 +393,10 @@ class AdaptedLayer(nn.Module):
         return self
 
     def _apply(self, fn: Any, recurse: bool = True) -> AdaptedLayer:
-        before = [p.dtype for p in self.parameters()]
+        before = [(p.dtype, p.device) for p in self.parameters()]
         super()._apply(fn, recurse)
-        if [p.dtype for p in self.parameters()] != before:
-            self._invalidate()  # dtype casts in the graph depend on them
+        if [(p.dtype, p.device) for p in self.parameters()] != before:
+            self._invalidate()  # dtype casts in the graph, and the kernels (a GPU's), depend on them
         return self
 
     def __getstate__(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from surgeon.layer_kinds import CONV_KINDS, WHOLE_MODULE_KINDS, kind_class
+from surgeon.layer_kinds import ANY_MODULE_KINDS, CONV_KINDS, WHOLE_MODULE_KINDS, kind_class
 
 if TYPE_CHECKING:
     from surgeon.runtime.graph import Builder
@@ -46,6 +46,8 @@ def in_out_features(base: nn.Module, kind: str) -> tuple[int, int]:
 def main_weight(base: nn.Module, kind: str) -> torch.Tensor:
     """The weight adapters follow for device and dtype: `weight`, a MultiheadAttention's
     `in_proj_weight` (it has no `weight`)."""
+    if kind in ANY_MODULE_KINDS:  # a module adapted whole (a norm, a container): its first
+        return next(base.parameters())  # parameter (whole-module methods refuse parameter-free ones)
     return base.in_proj_weight if kind == "MultiheadAttention" else base.weight
 
 

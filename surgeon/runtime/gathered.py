@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx, nn
 
+from surgeon import kernels
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -80,8 +82,11 @@ def add_gathered(prev: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a_t: 
 
 def emit(b: Builder, prev: fx.Node, inputs: Sequence[fx.Node]) -> fx.Node:
     """The gathered branch after result `prev`: one `add_gathered(prev, x, slots, A.T, B.T)`
-    node, the branch's result (its `args[0]` is `prev`)."""
-    return b.as_result(b.call(add_gathered, prev, b.x, *inputs))
+    node, the branch's result (its `args[0]` is `prev`); on a GPU the BGMV kernel
+    (`surgeon.kernels.gathered_add`)."""
+    device = next(iter(b.layer.lora_A.values())).weight.device
+    fn = kernels.gathered_add if kernels.wanted(device) else add_gathered
+    return b.as_result(b.call(fn, prev, b.x, *inputs))
 
 
 def slots_of(names: Sequence[str], adapters: tuple[str, ...], device: torch.device) -> torch.Tensor:

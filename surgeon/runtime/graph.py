@@ -7,8 +7,9 @@ for the base call), and `role` one of: "input" (the `x` placeholder), "base" / "
 base call, its last node), "branch", "rows" (a mixed-batch placeholder), "result" (the last
 node of a branch's output part: a function of the previous result; `prev + delta` for LoRA,
 `prev * scale` for IA3), "input_result" (the last node of a branch's input part: a function of
-the previous input, which the base call then reads instead; IA3's feed-forward scaling) or
-"epilogue" (a final cast back to the base output dtype).
+the previous input, which the base call then reads instead; IA3's feed-forward scaling),
+"weight_result" (the last node of a weight part: the weight an inlined base call reads instead;
+BOFT's rotated Conv2d kernel) or "epilogue" (a final cast back to the base output dtype).
 
 A branch is the nodes of one adapter: an input part before the base call, an output part after
 it, or both. Each part's *spine* is its `args[0]` chain: followed back from the part's end
@@ -152,6 +153,24 @@ class Builder:
         for user in list(self.x.users):
             if tag(user).get("role") in ("base", "base_out"):
                 user.replace_input_with(self.x, node)
+        return node
+
+    def weight_part(self) -> Builder:
+        """A Builder for the branch's weight part (BOFT's Conv2d rotates the kernel): it emits
+        before the base call, and its `x` is the weight the inlined base call reads now (the
+        base weight, or an earlier weight part's). Raises UserError for a module base call."""
+        base = next(n for n in self.graph.nodes if tag(n).get("role") == "base_out")
+        if base.op != "call_function":
+            from surgeon.errors import UserError
+            raise UserError(f"`{self.layer.path}`: this adapter rewrites the base weight, which "
+                            "needs a plain torch layer (no hooks, subclass or padding mode)")
+        return Builder(self.graph, self.layer, base.args[1], base, self.tag, self.role)
+
+    def weight_result(self, node: fx.Node) -> fx.Node:
+        """Make `node` (whose spine reaches this Builder's `x`) the weight the base call reads:
+        the end of a `weight_part()` (removed like the other part ends)."""
+        node.meta[META]["role"] = "weight_result"
+        self.anchor.replace_input_with(self.x, node)
         return node
 
     def _scaled(self, delta: fx.Node, alpha: float) -> fx.Node:
@@ -315,7 +334,8 @@ def spine_source(end: fx.Node) -> fx.Node:
 def branch_adapters(graph: fx.Graph) -> list[str]:
     """The adapters with a branch in `graph` (an input part, an output part or both), in graph
     order: input parts (before the base call) first, each part kind in insertion order."""
-    ends = (n for n in graph.nodes if tag(n).get("role") in ("result", "input_result"))
+    ends = (n for n in graph.nodes if tag(n).get("role") in ("result", "input_result",
+                                                               "weight_result"))
     return list(dict.fromkeys(tag(n)["adapter"] for n in ends))
 
 

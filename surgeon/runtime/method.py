@@ -57,8 +57,9 @@ class MethodRuntime(Protocol):
         The output part ends in a result node whose spine (`args[0]` chain) reaches `prev`:
         `b.result(prev, delta)` for `prev + delta`, or `b.as_result(node)` for any other
         transform (IA3's `prev * scale`). A method that changes the base call's input emits an input part
-        through `b.before_base()` ending in `input_result(node)`; a branch with no output part
-        returns `prev` itself. `rows` is None for a whole-batch forward, else the node holding
+        through `b.before_base()` ending in `input_result(node)` (HRA, OFT); one that changes the
+        weight the inlined base call reads emits a weight part through `b.weight_part()` ending
+        in `weight_result(node)` (BOFT on Conv2d); a branch with no output part returns `prev`. `rows` is None for a whole-batch forward, else the node holding
         the batch rows that use this adapter (mixed-adapter batch).
         """
         ...
@@ -103,6 +104,25 @@ class MethodRuntime(Protocol):
 #       for the first adapter), the adapter's sites and their base modules; returns NEW
 #       containers holding the adapter's shared tensors as well (the model's are swapped for
 #       them at commit, undoably, so prepare stays read-only).
+#   autocast_adapters: bool = True  -- False: its tensors keep the base dtype on half-precision
+#       bases (LN tuning's copies of the base module, as PEFT's `_cast_adapter_dtype` skips them).
+#   forward_module(layer, x, *args, **kwargs), merge_module(layer, adapters, safe_merge),
+#   unmerge_module(layer)  -- the forward and merge of a whole-module kind
+#       (`surgeon.layer_kinds.WHOLE_MODULE_KINDS`), which `AdaptedLayer` never lowers.
+#   module_problem(base, site) -> str | None  -- why this very base module cannot take the
+#       site (its sizes: GraLoRA's gralora_k must divide in and out features); the planner
+#       refuses the site at its rule with it, before anything is built (works on meta modules).
+#   shared_params(sites) -> int  -- trainable parameters in the shared containers (VB-LoRA's
+#       vector bank, a Parameter trained through every layer), counted once per adapter.
+#   checkpoint_buffers: tuple[str, ...] = ()  -- containers of non-persistent buffers, one per
+#       adapter, that PEFT keeps out of its state_dict but writes to (and reads from) the
+#       checkpoint (SHiRA's indices): `surgeon.api` adds them to the state_dict it saves and
+#       loads through, under the key a persistent buffer would have.
+
+
+def checkpoint_buffers(method: MethodRuntime) -> tuple[str, ...]:
+    """The method's checkpoint-only containers (optional part `checkpoint_buffers`, default none)."""
+    return getattr(method, "checkpoint_buffers", ())
 
 
 def shared_containers(method: MethodRuntime) -> tuple[str, ...]:

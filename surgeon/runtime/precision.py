@@ -23,6 +23,8 @@ def autocast_adapters(host: nn.Module, names: Sequence[str]) -> None:
     are kept in fp32 (training them in half precision loses updates). The forward casts the
     input to the adapter's dtype and the output back, as PEFT's layers do."""
     for _, layer in adapted_layers(host):
+        if not getattr(layer.method, "autocast_adapters", True):  # optional part, method.py
+            continue
         changed = False
         for table in layer.modules():
             if not isinstance(table, (nn.ModuleDict, nn.ParameterDict)):

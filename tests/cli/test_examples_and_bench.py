@@ -51,3 +51,21 @@ def test_mixed_batch_bench_smoke_agrees_with_peft():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["results"] and all(r["max_abs_diff"] < 1e-4 for r in report["results"]), report
+
+
+def test_kernel_bench_smoke_times_references_against_peft():
+    proc = run("bench/kernels.py", "--smoke")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {c.split()[0] for c in report["rows"]} == {"lora", "gathered", "dora"}
+    assert all("reference" in times for times in report["rows"].values())
+
+
+def test_methods_bench_smoke_agrees_with_peft():
+    """Every method case of bench/methods.py computes peft's function (forward, one run)."""
+    proc = run("bench/methods.py", "--smoke", timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(report["rows"]) >= 10
+    for case, row in report["rows"].items():
+        assert row["max_abs_diff"] < 1e-4, (case, row["max_abs_diff"])

@@ -272,11 +272,14 @@ def test_unmatched_rules_of_a_spec_built_in_python():
 def test_default_placement_is_query_and_value_by_role(monkeypatch):
     roles = {"blocks.0.attn.q": "attn.q", "blocks.0.attn.v": "attn.v", "towers.left.proj": "attn.qkv",
              "blocks.0.mlp.0": "mlp.up"}
-    monkeypatch.setattr(surgeon.capture.infer, "infer_roles", lambda model, example_inputs=None: roles)
+    analysis = surgeon.capture.infer.Analysis
+    monkeypatch.setattr(surgeon.capture.infer, "analyse",
+                        lambda model, example_inputs=None: analysis(roles, {}, {}))
     result = plan(_adapter(), tiny_models()["nested"])
     assert result.paths() == ("towers.left.proj", "blocks.0.attn.q", "blocks.0.attn.v")
     assert {s.rule for s in result.sites} == {"default(@attn.q, @attn.v)"}
-    monkeypatch.setattr(surgeon.capture.infer, "infer_roles", lambda model, example_inputs=None: {})
+    monkeypatch.setattr(surgeon.capture.infer, "analyse",
+                        lambda model, example_inputs=None: analysis({}, {}, {}))
     with pytest.raises(PlanError, match=r"no target rule and the default placement \(@attn.q, @attn.v\)"):
         plan(_adapter(), tiny_models()["nested"])
 

@@ -38,6 +38,7 @@ def no_roles(monkeypatch):
         raise AssertionError("infer_roles was called for a selection that needs no roles")
 
     monkeypatch.setattr(surgeon.capture.infer, "infer_roles", boom)
+    monkeypatch.setattr(surgeon.capture.infer, "analyse", boom)
 
 
 def test_name_is_suffix_on_whole_segments(no_roles):
@@ -127,9 +128,9 @@ def test_role_selectors_capture_once_and_only_when_used(monkeypatch):
 
     def fake(model, *, example_inputs=None):
         calls.append(example_inputs)
-        return roles
+        return surgeon.capture.infer.Analysis(roles, {}, {})
 
-    monkeypatch.setattr(surgeon.capture.infer, "infer_roles", fake)
+    monkeypatch.setattr(surgeon.capture.infer, "analyse", fake)
     resolver = Resolver(tiny_models()["nested"], example_inputs=("x",))
     assert resolver.select(Selection((Name("head"),))) == ("head",) and calls == []
     assert resolver.select(Selection((RoleRef("attn.q"),))) == ("towers.left.proj", "blocks.0.attn.q")

@@ -115,6 +115,12 @@ def options(draw, method: str) -> tuple[Option, ...]:
         found["total_step"] = draw(st.integers(1, 10_000))
     if method == "oft":  # PEFT's rule: exactly one of r / oft_block_size is non-zero
         found.update(zip(("r", "oft_block_size"), draw(st.sampled_from(((0, 8), (4, 0))))))
+    if method == "boft":  # PEFT's rule: exactly one of boft_block_size / boft_block_num is non-zero
+        found.update(zip(("boft_block_size", "boft_block_num"), draw(st.sampled_from(((0, 4), (8, 0))))))
+    if method == "road" and "group_size" in found:  # PEFT's rule: a positive even group size
+        found["group_size"] = 2 * found["group_size"]
+    if method == "gralora":  # PEFT's rule: gralora_k divides r
+        found["r"] = found.get("gralora_k", 2) * draw(st.integers(1, 8))
     return tuple(Option(n, found[n]) for n in vocab.canonical_order(method) if n in found)
 
 

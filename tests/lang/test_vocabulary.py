@@ -18,6 +18,13 @@ CONFIGS = {
     "lora": peft.LoraConfig, "ia3": peft.IA3Config, "adalora": peft.AdaLoraConfig,
     "loha": peft.LoHaConfig, "lokr": peft.LoKrConfig,
     "vera": peft.VeraConfig, "oft": peft.OFTConfig, "hra": peft.HRAConfig,
+    "road": peft.RoadConfig, "delora": peft.DeloraConfig,
+    "boft": peft.BOFTConfig,
+    "c3a": peft.C3AConfig, "waveft": peft.WaveFTConfig,
+    "ln_tuning": peft.LNTuningConfig, "fourierft": peft.FourierFTConfig,
+    "randlora": peft.RandLoraConfig, "vblora": peft.VBLoRAConfig,
+    "miss": peft.MissConfig, "shira": peft.ShiraConfig,
+    "gralora": peft.GraloraConfig, "osf": peft.OSFConfig,
 }
 
 
@@ -48,7 +55,8 @@ def test_every_peft_field_is_accounted_for(method):
     peft_fields = {f.name for f in dataclasses.fields(CONFIGS[method]) if f.init}
     options = set(vocab.canonical_order(method))
     rules = set(vocab.RULE_FIELDS) & peft_fields
-    if method == "adalora":  # AdaLoRA's rank_pattern is training state, an option (a table)
+    if method in ("adalora", "osf"):  # AdaLoRA's rank_pattern is training state, OSF's matched
+        # by re.search: both options (tables), not `rank` rules
         rules.discard("rank_pattern")
     missing = peft_fields - options - rules - (BOOKKEEPING | {f.name for f in config_of(method).unmodeled})
     assert not missing, f"peft {method} fields not in the vocabulary: {sorted(missing)}"

@@ -136,18 +136,24 @@ def test_rank_allocation_follows_peft(tmp_path: Path):
     with torch.no_grad():
         expected = pm.base_model.model.mlp(x)
         before = ours.mlp(x)
-    saved = allocator.finalize()
+    pm.save_pretrained(tmp_path / "peft")
+    S.save_pretrained(ours, tmp_path / "ours")  # no finalize needed: saved as PEFT saves it
+    full = ours.mlp.seq[0].lora_A["default"].shape[0]
+    saved = allocator.finalize()  # optional: the modules shrink to the kept triplets
+    assert ours.mlp.seq[0].lora_A["default"].shape[0] == sum(saved["mlp.seq.0.lora_E"]) < full
+    S.save_pretrained(ours, tmp_path / "finalized")
     with torch.no_grad():
         assert diff(ours.mlp(x), before) <= 1e-6 and diff(before, expected) <= 1e-5
-    pm.save_pretrained(tmp_path / "peft")
-    S.save_pretrained(ours, tmp_path / "ours")
-    written = {k: json.loads((tmp_path / k / "adapter_config.json").read_text()) for k in ("peft", "ours")}
+    folders = ("peft", "ours", "finalized")
+    written = {k: json.loads((tmp_path / k / "adapter_config.json").read_text()) for k in folders}
     assert written["ours"]["rank_pattern"] == written["peft"]["rank_pattern"] == saved
-    tensors = {k: load_file(tmp_path / k / "adapter_model.safetensors") for k in ("peft", "ours")}
-    assert sorted(tensors["ours"]) == sorted(tensors["peft"])
-    for key, value in tensors["peft"].items():
-        assert tensors["ours"][key].shape == value.shape
-        assert diff(tensors["ours"][key], value) <= 1e-5, key
+    assert written["finalized"]["rank_pattern"] == saved
+    tensors = {k: load_file(tmp_path / k / "adapter_model.safetensors") for k in folders}
+    for mine in ("ours", "finalized"):
+        assert sorted(tensors[mine]) == sorted(tensors["peft"])
+        for key, value in tensors["peft"].items():
+            assert tensors[mine][key].shape == value.shape
+            assert diff(tensors[mine][key], value) <= 1e-5, key
 
     ctx = quiet()
     try:

@@ -251,3 +251,77 @@ def test_adapters_of_one_module_adapt_one_parameter():
     with pytest.raises(ValueError, match="same parameter"):
         S.apply('adapter b = lora(target_parameters=["0.other"]) { }', model)
     assert torch.equal(model(x), before)
+
+
+PARAM_FORM = ('adapter default = lora(r=2, alpha=4) {\n'
+              '    target param experts.gate_up_proj, param "flipped.down_proj", param mix.proj\n'
+              '    rank 3 on param down_proj\n'
+              '    alpha 6 on param mix.proj\n'
+              '}\n')
+PATTERNS = {"rank_pattern": {"down_proj": 3}, "alpha_pattern": {"mix.proj": 6}}
+
+
+def test_param_form_with_rank_and_alpha_rules_is_peft_exact(tmp_path: Path):
+    """`target param ...` and `rank`/`alpha` on parameters equal PEFT's target_parameters with
+    rank_pattern/alpha_pattern: seeded init, keys, sizes, outputs of each side's checkpoint."""
+    base = host()
+    torch.manual_seed(5)
+    ours = S.apply(PARAM_FORM, copy.deepcopy(base))
+    torch.manual_seed(5)
+    twin = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=2, lora_alpha=4, target_modules=[], target_parameters=TARGETS, **PATTERNS))
+    mine = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
+    theirs = {k.removeprefix("base_model.model."): v for k, v in twin.state_dict().items() if "lora_" in k}
+    assert sorted(mine) == sorted(theirs) and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert theirs["flipped.lora_A.default.weight"].shape[0] == 3 * 3  # r=3 per expert
+    trained = peft_model(base, **PATTERNS)
+    trained.save_pretrained(tmp_path / "peft")
+    loaded = S.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    assert (run(loaded) - run(trained)).abs().max() <= ATOL
+    S.save_pretrained(loaded, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == sorted(TARGETS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    assert (run(back) - run(trained)).abs().max() <= ATOL
+    planned = plan(PARAM_FORM, base)
+    assert planned.trainable_params == sum(p.numel() for n, p in trained.named_parameters() if "lora_" in n)
+    assert [(s.path, s.r, s.alpha) for s in planned.sites] == [
+        ("experts", 2, 4.0), ("flipped", 3, 4.0), ("mix", 2, 6.0)]
+
+
+def test_param_form_errors_are_located():
+    with pytest.raises(UserError) as info:
+        plan('adapter default = lora() {\n  target param gate_up\n}', host())
+    text = str(info.value)
+    assert "<spec>:2:3: error: `target param gate_up` matches no parameter of `Host`" in text
+    assert "^^^^" in text and "did you mean `param gate_up_proj`?" in text
+    with pytest.raises(UserError, match="only LoRA adapts"):
+        plan("adapter default = ia3() { target lin, param mix.proj feedforward lin }", host())
+
+
+def test_expert_roles_select_parameters_as_peft_does(tmp_path: Path):
+    """`target @moe.down` on transformers 5 Mixtral is PEFT's target_parameters on down_proj;
+    `@moe.up, @moe.down` together (two parameters of one module) are refused with the reason."""
+    from tests.roles.zoo import build
+
+    base = build("mixtral")
+    ids = torch.randint(0, 99, (2, 5), generator=torch.Generator().manual_seed(0))
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["experts.down_proj"])
+    twin = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    twin.save_pretrained(tmp_path / "peft")
+    spec = "adapter default = lora(r=2, alpha=4) { target @moe.down }"
+    planned = plan(spec, base)
+    assert [s.path for s in planned.sites] == [f"model.layers.{i}.mlp.experts" for i in (0, 1)]
+    ours = S.apply(spec, copy.deepcopy(base))
+    S.load_adapter(ours, tmp_path / "peft", adapter_name="loaded")
+    S.set_adapter(ours, "loaded")
+    with torch.no_grad():
+        assert (ours(ids).logits - twin(ids).logits).abs().max() <= 1e-4
+    with pytest.raises(UserError, match="more than one of its parameters"):
+        plan("adapter default = lora() { target @moe.up, @moe.down }", base)

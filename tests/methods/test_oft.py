@@ -4,6 +4,11 @@ Both directions (PEFT checkpoint -> surgeon, surgeon -> PEFT), merged vs unmerge
 (unmerge through the inverse rotation), seeded init and training steps (COFT's in-place
 projection included), two adapters switching, on PEFT's MLP and tiny Llama and BERT. OFT's
 forward rotates the input (`x R`), never the weight: checked against the math directly too.
+
+Conv2d: PEFT rotates the input's k x k patches and folds them back (summing overlaps), which
+for k > 1 is not what its merged weight computes; `check_conv_states` (a local helper) compares
+each state with PEFT's same state, and the harness's roundtrip runs on 1 x 1 convolutions, where
+the two agree.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import OFTConfig, PeftModel
+from peft import OFTConfig, PeftModel, get_peft_model
 from torch import nn
 
 import surgeon
@@ -27,13 +32,15 @@ from tests.methods.harness import (
     check_switching,
     check_training,
 )
-from tests.models import CASES
+from tests.models import BATCH, CASES, ModelCase, _plain, tensor_input
 
 OFT_R = ("oft_R",)
 TARGETS = {
     "mlp": ["seq.0", "seq.2", "seq.4"],
     "llama": ["q_proj", "v_proj", "down_proj"],
     "bert": ["query", "value", "dense"],
+    "convnet": ["conv1", "conv2", "head"],
+    "pointwise": ["conv1", "conv2"],
 }
 CONFIGS = {
     "blocks": {"oft_block_size": 4},
@@ -119,5 +126,85 @@ def test_refuses_what_peft_refuses():
         surgeon.load_spec("adapter a = oft(r=2) { target seq.0 }")  # oft_block_size defaults to 32
     with pytest.raises(UserError, match="must be non-zero"):
         surgeon.load_spec("adapter a = oft(oft_block_size=0) { target seq.0 }")
-    with pytest.raises(UserError, match="adapts only Linear layers so far"):
-        surgeon.apply("adapter a = oft(oft_block_size=3) { target conv1 }", CASES["convnet"].build())
+    with pytest.raises(UserError, match="adapts only Linear and Conv2d layers so far"):
+        surgeon.plan("adapter a = oft(oft_block_size=4) { target embed_tokens }", CASES["llama"].build())
+
+
+class Pointwise(nn.Module):
+    """1 x 1 convolutions: PEFT's patch fold is the identity there, so merged = unmerged."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 1)
+        self.conv2 = nn.Conv2d(8, 6, 1, stride=2)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x))).flatten(1)
+
+
+POINTWISE = ModelCase("pointwise", _plain(Pointwise), tensor_input("x", BATCH, 4, 5, 5), ("conv1",),
+                      hf=False)
+
+
+@pytest.mark.parametrize("name", ["blocks", "rank", "share"])
+def test_conv_1x1_roundtrip_and_merge(name: str, tmp_path: Path):
+    check_roundtrip(POINTWISE, oft("pointwise", name), OFT_R, tmp_path)
+
+
+def check_conv_states(config: OFTConfig, tmp_path: Path) -> None:
+    """Each state against PEFT's same state on the 3 x 3 conv net: unmerged (both directions
+    through the checkpoints), merged, and unmerged again with the weights restored."""
+    case, ctx = CASES["convnet"], harness.quiet()
+    try:
+        base = case.build()
+        pm = get_peft_model(copy.deepcopy(base), config)
+        harness.randomize(pm, OFT_R)
+        pm.eval()
+        pm.save_pretrained(tmp_path / "peft")
+        expected = harness.output(case, pm)
+        ours = copy.deepcopy(base)
+        S.load_adapter(ours, tmp_path / "peft")
+        assert harness.diff(harness.output(case, ours), expected) <= harness.ATOL
+        S.save_pretrained(ours, tmp_path / "ours")
+        back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+        assert harness.diff(harness.output(case, back), expected) <= harness.ATOL
+        weight = ours.conv1.base_layer.weight.detach().clone()
+        S.merge(ours)
+        pm.merge_adapter()
+        assert harness.diff(harness.output(case, ours), harness.output(case, pm)) <= harness.ATOL
+        S.unmerge(ours)
+        assert harness.diff(ours.conv1.base_layer.weight, weight) <= 1e-6
+        assert harness.diff(harness.output(case, ours), expected) <= harness.ATOL
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("name", ["blocks", "rank", "share", "solve"])
+def test_conv_states_match_peft(name: str, tmp_path: Path):
+    check_conv_states(oft("convnet", name), tmp_path)
+
+
+def test_conv_initialisation_and_training_match_peft():
+    check_init(CASES["convnet"], oft("convnet", "blocks", init_weights=False))
+    check_training(CASES["convnet"], oft("convnet", "coft", init_weights=False), OFT_R)
+
+
+def test_conv_two_adapters_switch_as_peft(tmp_path: Path):
+    configs = (oft("convnet", "blocks"), OFTConfig(target_modules=["conv2"], r=4, oft_block_size=0))
+    check_switching(CASES["convnet"], configs, OFT_R, tmp_path)
+
+
+def test_conv_forward_rotates_the_input_patches():
+    from surgeon.methods.oft.layer import rotate_patches
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 3))
+    surgeon.apply('adapter a = oft(oft_block_size=6) { target "0" }', model)
+    targets = [n.target for n in model[0].graph_module.graph.nodes if n.op == "call_function"]
+    assert rotate_patches in targets
+
+
+@pytest.mark.parametrize("conv,match", [(nn.Conv2d(2, 4, 3, dilation=2), "dilation > 1"),
+                                        (nn.Conv2d(2, 4, (1, 3)), "non-square kernel")])
+def test_refuses_convolutions_peft_cannot_adapt(conv: nn.Module, match: str):
+    with pytest.raises(UserError, match=match):
+        surgeon.plan('adapter a = oft(oft_block_size=2) { target "0" }', nn.Sequential(conv))

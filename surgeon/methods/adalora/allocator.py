@@ -9,8 +9,8 @@ A training loop calls it once per step, after `loss.backward()` and `optimizer.s
         loss.backward(); optimizer.step()
         allocator.update_and_allocate(step)
         optimizer.zero_grad()
-    allocator.finalize()               # keep only the kept triplets, record rank_pattern
-    surgeon.save_pretrained(model, "out/")   # PEFT's files: rank_pattern + resized tensors
+    surgeon.save_pretrained(model, "out/")   # PEFT's files: rank_pattern + the kept triplets
+    allocator.finalize()               # optional: cut the modules to the kept triplets
 
 Each step until `total_step - tfinal` updates every factor entry's sensitivity `|p * grad|`,
 smoothed (`beta1`) and with its uncertainty (`beta2`); from step `tinit` on, every `deltaT`
@@ -122,31 +122,50 @@ class RankAllocator:
             layer.lora_E[self.adapter].masked_fill_(~keep.to(layer.lora_E[self.adapter].device)[:, None], 0.0)
 
     def update_and_allocate(self, step: int) -> None:
-        """One step of PEFT's `update_and_allocate(global_step)` (see the module docstring)."""
+        """One step of PEFT's `update_and_allocate(global_step)` (see the module docstring).
+        Each new mask becomes the adapter's `rank_pattern` option, as PEFT sets its config's, so
+        a save at any step writes PEFT's files (the checkpoint keeps only the kept triplets)."""
         final = self.total_step - self.tfinal
         if step < final:
             self.update_ipt()
             self.budget, mask = self.budget_schedule(step)
             if mask:
-                self.rank_pattern = self.mask_to_budget(self.budget)
+                self._set_pattern(self.mask_to_budget(self.budget))
         elif step == final:
             self.budget, _ = self.budget_schedule(step)
-            self.rank_pattern = self.mask_to_budget(self.budget)
+            self._set_pattern(self.mask_to_budget(self.budget))
             self.reset_ipt()
         else:
             self.mask_using_rank_pattern()
 
+    def _set_pattern(self, pattern: dict[str, list[bool]]) -> None:
+        self.rank_pattern = pattern
+        record(self.model, self.adapter, {k.replace(f".{self.adapter}", ""): v for k, v in pattern.items()})
+
     def finalize(self) -> dict[str, list[bool]]:
-        """After training: keep only the kept triplets in every module (PEFT does this when it
-        loads the checkpoint) and record the rank pattern in the adapter's spec, so
-        `save_pretrained` writes PEFT's files. Returns the pattern, keys without the adapter
-        name as PEFT saves them. Outputs are unchanged (pruned triplets are zero); an optimizer
-        holding the old tensors must be rebuilt to train further."""
+        """After training, optionally: cut every module to its kept triplets (what a PEFT load of
+        the saved files builds), freeing the pruned ones' memory; saving needs no finalize.
+        Returns the pattern, keys without the adapter name as PEFT saves them. Outputs are
+        unchanged (pruned triplets are zero); an optimizer holding the old tensors must be
+        rebuilt to train further."""
         if self.rank_pattern is None:
             raise ValueError("no rank pattern yet: call update_and_allocate up to total_step - tfinal")
         saved = {k.replace(f".{self.adapter}", ""): v for k, v in self.rank_pattern.items()}
         resize(self.model, self.adapter, saved)
         return saved
+
+
+def record(model: nn.Module, adapter: str, pattern: dict[str, list[bool]]) -> None:
+    """Make `pattern` the adapter's `rank_pattern` option without resizing anything: the
+    layers keep their tensors (pruned triplets zeroed), the saved config and checkpoint follow
+    the pattern (`checkpoint_tensors` in layer.py), as PEFT's config during training."""
+    state = require_state(model)
+    installed = state.get(adapter)
+    table = Table(tuple((k, tuple(v)) for k, v in pattern.items()))
+    options = tuple(o for o in installed.adapter.options if o.name != "rank_pattern")
+    spec = replace(installed.adapter, options=options + (Option("rank_pattern", table),))
+    adapters = tuple(replace(a, adapter=spec) if a.name == adapter else a for a in state.adapters)
+    set_state(model, replace(state, adapters=adapters))
 
 
 def resize(model: nn.Module, adapter: str, pattern: dict[str, list[bool]]) -> None:
@@ -177,4 +196,4 @@ def resize(model: nn.Module, adapter: str, pattern: dict[str, list[bool]]) -> No
     set_state(model, replace(state, adapters=adapters))
 
 
-__all__ = ["RankAllocator", "resize"]
+__all__ = ["RankAllocator", "record", "resize"]

@@ -80,6 +80,7 @@ CONFIG = AdaLoraConfig(
                                     "beta2", "orth_reg_weight", "total_step"),
     rules=frozenset({"target", "exclude", "save"}),
     runtime="surgeon.methods.adalora.layer:METHOD",
+    checkpoint_codec="surgeon.methods.adalora.layer:CODEC",
     # the planner's per-site rank and alpha: every module starts at init_r (rank rules are
     # refused; the saved rank_pattern resizes modules when a checkpoint is loaded)
     rank_field="init_r",

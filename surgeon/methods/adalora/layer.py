@@ -159,4 +159,28 @@ class AdaLora(AdditiveMerge):
         return delta.reshape(layer.base_layer.weight.shape)
 
 
+class PrunedTriplets:
+    """AdaLoRA's checkpoint (`MethodConfig.checkpoint_codec`): PEFT's
+    `resize_state_dict_by_rank_pattern`. With a `rank_pattern` set during training (the layers
+    still full-size, pruned triplets zeroed), the checkpoint keeps only each module's kept rows
+    of `lora_A`/`lora_E` and columns of `lora_B`; loading needs nothing (`rank_pattern` sizes
+    the modules)."""
+
+    def encode(self, tensors: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+        out = dict(tensors)
+        for key, kept in (config.get("rank_pattern") or {}).items():
+            prefix = "base_model.model." + key.rsplit(".", 1)[0]
+            for name, axis in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+                tensor = out.get(f"{prefix}.{name}")
+                if tensor is not None and tensor.shape[axis] != sum(kept):
+                    mask = torch.tensor(kept, dtype=torch.bool, device=tensor.device)
+                    out[f"{prefix}.{name}"] = tensor[mask] if axis == 0 else tensor[:, mask]
+        return out
+
+    def decode(self, tensors: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor],
+               adapter: str) -> dict[str, torch.Tensor]:
+        return tensors
+
+
+CODEC = PrunedTriplets()
 METHOD = AdaLora()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx, nn
 
+from surgeon import kernels
 from surgeon.runtime import quantized
 from surgeon.runtime.base_kinds import CONV_KINDS, emit_base_no_bias, to_out_major
 
@@ -58,6 +59,9 @@ def weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
         w = to_out_major(weight, kind)
         dtype = torch.promote_types(w.dtype, torch.float32)
         r = lora_a.shape[0]
+        a, b = lora_a.reshape(r, -1), lora_b.reshape(-1, r)
+        if kernels.wanted(w.device) and (b.shape[0], a.shape[1]) == w.shape and dtype == torch.float32:
+            return kernels.dora_norm(w, a, b, scaling)  # one pass over W, no W' built
         low_rank = lora_b.reshape(-1, r).to(dtype) @ lora_a.reshape(r, -1).to(dtype)
         return torch.linalg.vector_norm(w.to(dtype) + scaling * low_rank.reshape(w.shape), dim=1)
 

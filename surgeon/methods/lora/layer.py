@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx, nn
 
+from surgeon import kernels
 from surgeon.methods.lora import dora as lora_dora
 from surgeon.methods.lora import mha
 from surgeon.methods.lora import param as lora_param
@@ -227,6 +228,9 @@ class Lora:
             return _emit_embedding(b, adapter, x, prev, rows)
         x = _cast_input(b, adapter, x)
         dropped = _dropout(b, adapter, x)
+        if rows is None and _fused(b, adapter):
+            return b.as_result(b.call(kernels.lora_add, prev, dropped, b.attr(f"lora_A.{adapter}.weight"),
+                                      b.attr(f"lora_B.{adapter}.weight"), site.scaling))
         delta = emit_lora(b, adapter, dropped)
         if adapter in b.layer.lora_magnitude_vector:
             return lora_dora.emit(b, adapter, delta, dropped if dropped is not x else None, prev)
@@ -282,6 +286,15 @@ class Lora:
 def _whole(layer: LayerView):
     """The module-level path of a whole-module kind."""
     return lora_param if layer.kind == lora_param.KIND else mha
+
+
+def _fused(b: Builder, adapter: str) -> bool:
+    """Whether the branch is one `kernels.lora_add` call (shrink, then expand with the add
+    fused): plain LoRA on a matrix product, with adapters where the kernels run (a GPU)."""
+    layer = b.layer
+    if layer.kind not in ("Linear", "Conv1D") or adapter in layer.lora_magnitude_vector:
+        return False
+    return layer.lora_B[adapter].bias is None and kernels.wanted(layer.lora_A[adapter].weight.device)
 
 
 def _cast_input(b: Builder, adapter: str, x: fx.Node) -> fx.Node:

@@ -14,8 +14,8 @@ from surgeon.lang.kinds import Bool, Enum, Int, Number
 from surgeon.lang.values import Value
 from surgeon.methods.base import COMMON_FIELDS, PEFT_HEAD, PROBABILITY, Field, MethodConfig, Problem
 
-# The base kinds surgeon's OFT runtime implements (PEFT's also wraps Conv2d and Embedding).
-KINDS = ("Linear",)
+# The base kinds surgeon's OFT runtime implements (PEFT's also wraps Embedding).
+KINDS = ("Linear", "Conv2d")
 
 
 class OftConfig(MethodConfig):
@@ -25,8 +25,8 @@ class OftConfig(MethodConfig):
         return dict(options, fan_in_fan_out=False)  # PEFT forces it off on Linear
 
     def site_problem(self, kind: str, options: Mapping[str, Value]) -> str | None:
-        if kind in ("Conv2d", "Embedding"):
-            return f"is a {kind}: surgeon's OFT adapts only Linear layers so far (PEFT's also {kind})"
+        if kind == "Embedding":
+            return "is an Embedding: surgeon's OFT adapts only Linear and Conv2d layers so far (PEFT's also Embedding)"
         if kind not in KINDS:
             return f"is a {kind}: PEFT's OFT adapts only Linear, Conv2d and Embedding layers"
         return None

@@ -1,4 +1,4 @@
-"""OFT on Linear: PEFT 0.21's `peft.tuners.oft` rotation, names, init and merge.
+"""OFT on Linear and Conv2d: PEFT 0.21's `peft.tuners.oft` rotation, names, init and merge.
 
 Each adapter trains `oft_R[adapter].weight`, `(blocks, b (b - 1) / 2)`: the upper triangles of
 skew-symmetric `b x b` blocks `Q`, turned into rotations by the Cayley map (its Neumann series
@@ -11,6 +11,13 @@ base call, where rotating the weight would cost `in * b * out` per call and a we
 buffer. The branch is an input part (`Builder.before_base`), so several active adapters chain
 their rotations in order, as PEFT's loop does. Merging writes `W R^T` into the weight;
 unmerging multiplies by the inverse rotation, as PEFT does.
+
+On a Conv2d (`in_channels * k * k` rotated features) PEFT's forward unfolds the input into its
+k x k patches (stride 1, no padding), rotates each patch, and folds them back (`F.fold` sums
+overlapping patches) before the base convolution: `rotate_patches` is that, exactly, including
+PEFT's reshape order. For k > 1 this is not the merged weight's function (the identity rotation
+already scales pixels by the number of patches covering them): surgeon keeps PEFT's outputs in
+both states rather than its own.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import warnings
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from surgeon.errors import UserError
@@ -42,6 +50,7 @@ class Static(NamedTuple):
     eps: float
     neumann: bool
     terms: int
+    kernel: int = 0  # a Conv2d's (square) kernel side; 0 on Linear
 
 
 class Rotation(nn.Module):
@@ -135,6 +144,29 @@ def rotate_input(x: torch.Tensor, weight: torch.Tensor, static: Static) -> torch
     return torch.einsum("...rk,rkc->...rc", blocks, rot).reshape(h.shape).to(dtype)
 
 
+def rotate_patches(x: torch.Tensor, weight: torch.Tensor, static: Static) -> torch.Tensor:
+    """The graph function on a Conv2d input: PEFT's unfold, rotate, fold (module docstring)."""
+    dtype = x.dtype
+    x = x if dtype == weight.dtype else x.to(weight.dtype)
+    k, (b, c, height, width) = static.kernel, x.shape
+    patches = x.unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).contiguous()
+    out_h, out_w = height - k + 1, width - k + 1
+    rotated = rotate_input(patches.view(b * out_h * out_w, -1), weight, static)
+    back = rotated.view(b, out_h, out_w, c, k, k).permute(0, 3, 1, 2, 4, 5).contiguous()
+    return F.fold(back.view(b, c * k * k, out_h * out_w), output_size=(height, width),
+                  kernel_size=(k, k), stride=(1, 1)).to(dtype)
+
+
+def conv_problem(base: nn.Module) -> str | None:
+    """Why PEFT's OFT cannot adapt this Conv2d (None: it can)."""
+    if base.dilation[0] > 1:
+        return "has dilation > 1: Conv2d with dilation > 1 is not supported by OFT (as PEFT)"
+    if base.kernel_size[0] != base.kernel_size[1]:
+        return (f"has a non-square kernel {tuple(base.kernel_size)}: PEFT's OFT sizes the rotation "
+                "by kernel_size[0] squared and fails on it")
+    return None
+
+
 class Oft:
     """The `oft` method's runtime (`surgeon.runtime.method.MethodRuntime`)."""
 
@@ -142,18 +174,23 @@ class Oft:
     containers = (("oft_R", nn.ModuleDict),)
 
     def _static(self, base: nn.Module, site: Site) -> tuple[int, Static]:
-        n_in = in_out_features(base, site.kind)[0]
+        n_in, kernel = in_out_features(base, site.kind)[0], 0
+        if site.kind == "Conv2d":
+            if problem := conv_problem(base):
+                raise UserError(f"`{site.path}` {problem}")
+            kernel = base.kernel_size[0]
+            n_in *= kernel * kernel
         r, block = sizes(n_in, int(site.option("r", 0)), int(site.option("oft_block_size", 32)))
         share = bool(site.option("block_share", False))
         static = Static(n_in // block if share else r, block, bool(site.option("coft", False)),
                         float(site.option("eps", 6e-5)), bool(site.option("use_cayley_neumann", True)),
-                        int(site.option("num_cayley_neumann_terms", 5)))
+                        int(site.option("num_cayley_neumann_terms", 5)), kernel)
         return (1 if share else r), static
 
     def add(self, layer: LayerView, site: Site) -> None:
-        if site.kind != "Linear":
+        if site.kind not in ("Linear", "Conv2d"):
             raise TypeError(f"Target module {layer.base_layer} is not supported by surgeon's OFT "
-                            "(Linear layers only).")
+                            "(Linear and Conv2d layers only).")
         rows, static = self._static(layer.base_layer, site)
         block = static.block_size
         module = Rotation(rows, block * (block - 1) // 2, static)
@@ -183,7 +220,8 @@ class Oft:
             self.check_mixed(b.layer, adapter)
         pre = b.before_base()
         static = b.layer.oft_R[adapter].static
-        pre.input_result(pre.call(rotate_input, pre.x, pre.attr(f"oft_R.{adapter}.weight"), static))
+        fn = rotate_patches if static.kernel else rotate_input
+        pre.input_result(pre.call(fn, pre.x, pre.attr(f"oft_R.{adapter}.weight"), static))
         return prev
 
     def _matrix(self, layer: LayerView, adapter: str) -> torch.Tensor:
@@ -199,8 +237,9 @@ class Oft:
     def delta_weight(self, layer: LayerView, adapter: str) -> torch.Tensor:
         """What merging adds to the base weight (OFT multiplies; this is `W R^T - W`)."""
         weight = layer.base_layer.weight.detach()
-        current = weight.float()
-        return (current @ self._matrix(layer, adapter).to(current.dtype).T - current).to(weight.dtype)
+        current = weight.flatten(1).float()
+        delta = current @ self._matrix(layer, adapter).to(current.dtype).T - current
+        return delta.reshape(weight.shape).to(weight.dtype)
 
     def fold(self, layer: LayerView, adapter: str, weight: torch.Tensor,
              unmerged: torch.Tensor) -> torch.Tensor:

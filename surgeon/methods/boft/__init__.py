@@ -1,0 +1,1 @@
+"""BOFT: butterfly orthogonal fine-tuning, butterfly-factored Cayley rotations of a layer."""

@@ -1,0 +1,1 @@
+"""LN tuning: each adapter trains its own copy of the targeted (normalisation) modules."""

@@ -1,0 +1,1 @@
+"""OSF: orthogonal subspace fine-tuning, training a layer's low singular directions only."""

@@ -1,0 +1,1 @@
+"""RandLoRA: shared random bases, full-rank updates from two trained scaling matrices per layer."""

@@ -1,0 +1,1 @@
+"""VB-LoRA: low-rank factors composed from one shared vector bank by top-k mixtures of logits."""
