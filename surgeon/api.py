@@ -393,13 +393,20 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name in layer.merged_adapters:
             raise ValueError(f"adapter `{name}` is merged into `{path}`; unmerge it first")
     rest = tuple(a for a in state.adapters if a.name != name)
-    active = tuple(a for a in state.active if a != name)
-    if not active and rest:
-        active = (sorted(a.name for a in rest)[0],)
+    # PEFT: every adapter layer picks its own next active (`AdaptedLayer.delete_adapter`), so
+    # layers may differ; the model's record (and the saved modules' and token rows') is the first
+    # layer's. PEFT takes it even from a layer left with no adapter (a stale, empty record while
+    # its other layers still run one); surgeon takes the first layer that still holds one.
+    layers = [layer for _, layer in adapted_layers(model)]
+    for layer in layers:
+        layer.delete_adapter(name)
+    kept = tuple(a for a in state.active if a != name) or tuple(sorted(a.name for a in rest))[:1]
+    active = next((tuple(layer.active) for layer in layers if layer.sites), kept)
     new = State(rest, active, state.disabled)
-    activate(model, new)
     for _, wrapper in wrappers(model):
-        wrapper.delete_adapter(name)
+        if wrapper not in layers:
+            wrapper.set_active(new.active, new.frozen)
+            wrapper.delete_adapter(name)
     set_state(model, new)
 
 

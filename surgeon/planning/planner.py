@@ -336,7 +336,13 @@ class _Planner:
                     raise self.error(f"`save` cannot keep `{p}` ({type(module).__name__}): it has no "
                                      "forward of its own; save the modules inside it", rule)
             found += hits
-        return tuple(dict.fromkeys(found))
+        found = list(dict.fromkeys(found))
+        if nested := next(((o, i) for o in found for i in found if i.startswith(o + ".")), None):
+            raise self.error(f"`save` selects `{nested[0]}` and `{nested[1]}` inside it: PEFT then "
+                             "wraps the inner one again inside the saved copy and the original, a "
+                             "layout surgeon does not reproduce", adapter.rules_of(Save)[0],
+                             hint="give `save` names that select only one of them")
+        return tuple(found)
 
     def save_paths(self, names: tuple[str, ...]) -> list[str]:
         """Paths PEFT wraps for modules_to_save `names`: every path (shared modules under each of
@@ -394,8 +400,8 @@ class _Planner:
     def extra_params(self, adapter: Adapter, sites, save, tokens) -> int:
         """Trainable parameters outside the sites: saved copies, token rows, trainable biases."""
         model = self.resolver.model
-        # a saved module inside another saved one is copied within the outer copy, and a module
-        # reachable under two paths is wrapped once: count each copy once
+        # a module reachable under two paths is wrapped once: count each copy once (a saved
+        # module inside another is refused by `save`)
         outer = {id(m): m for m in (model.get_submodule(p) for p in save if not _inside(p, save))}
         total = sum(_numel(m) for m in outer.values())
         total += sum(len(ix) * model.get_submodule(p).weight.shape[-1] for p, ix in tokens)

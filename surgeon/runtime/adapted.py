@@ -224,19 +224,20 @@ class AdaptedLayer(nn.Module):
                 self.enable_adapters(True)
 
     def delete_adapter(self, name: str) -> None:
-        """Delete `name` (ignored if absent, as PEFT's layer); it must not be merged."""
-        if name not in self.sites:
-            return
+        """Delete `name` (absent: nothing to remove, as PEFT's layer); it must not be merged. If
+        it was active here, the rest of the active ones stay, else PEFT's pick: this layer's
+        first remaining adapter by name (so layers may differ, as in PEFT)."""
         if name in self.merged_adapters:
             raise ValueError(f"Adapter `{name}` is merged into `{self.path}`; unmerge first.")
-        self.method.remove(self, name)
-        del self.sites[name]
+        if name in self.sites:
+            self.method.remove(self, name)
+            del self.sites[name]
         if name not in self.active:
             self._invalidate()
             return
         remaining = [a for a in self.active if a != name]
         if not remaining and self.sites:
-            remaining = [sorted(self.sites)[0]]
+            remaining = [min(self.sites)]
             warnings.warn(f"Adapter {name} was active which is now deleted. Setting active "
                           f"adapter to {remaining[0]}.", stacklevel=2)
         self.set_adapter(remaining)
@@ -247,7 +248,9 @@ class AdaptedLayer(nn.Module):
     # ------------------------------------------------------------------ the wrapper protocol
     @property
     def original_module(self) -> nn.Module:
-        return self.base_layer
+        """The host module, below nested layers (LoRA's bare parameters nest one per parameter)."""
+        base = self.base_layer
+        return base.original_module if isinstance(base, AdaptedLayer) else base
 
     @property
     def adapters(self) -> tuple[str, ...]:

@@ -76,10 +76,19 @@ class Pair:
         elif op == "save" and not self.merged():
             self.compare_saved()
 
-    def compare_outputs(self) -> None:
+    def compare_outputs(self) -> bool:
+        """False when PEFT itself cannot run any more: deleting the active adapter can leave its
+        model-level record naming a deleted adapter (its first layer's pick), and its forward
+        then raises KeyError; nothing is left to compare against."""
         with torch.no_grad():
-            torch.testing.assert_close(self.ours(X), self.theirs(X), atol=1e-5, rtol=1e-5)
+            try:
+                theirs = self.theirs(X)
+            except KeyError:
+                assert self.theirs.active_adapter not in self.theirs.peft_config
+                return False
+            torch.testing.assert_close(self.ours(X), theirs, atol=1e-5, rtol=1e-5)
         assert set(active_adapters(self.ours)) == set(self.theirs.active_adapters)
+        return True
 
     def compare_saved(self) -> None:
         ours = self.save_ours()
@@ -90,10 +99,12 @@ class Pair:
             a = load_file(folder / files.WEIGHTS_NAME)
             b = load_file(files.adapters_in(theirs)[name] / files.WEIGHTS_NAME)
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-        # what each saved loads back, in the other's loader too, with the same outputs
+        # what each saved loads back, in the other's loader too, with the same outputs (each
+        # adapter's folder: with `default` deleted, none sits at the top)
         for folder in (ours, theirs):
-            back = surgeon.load_adapter(net(), folder)
-            oracle = peft.PeftModel.from_pretrained(net(), folder)
+            sub = next(iter(files.adapters_in(folder).values()))
+            back = surgeon.load_adapter(net(), sub)
+            oracle = peft.PeftModel.from_pretrained(net(), sub)
             with torch.no_grad():
                 torch.testing.assert_close(back(X), oracle(X), atol=1e-5, rtol=1e-5)
 
@@ -106,4 +117,5 @@ def test_random_api_sequences_match_peft(steps):
         pair.compare_outputs()
         for op, pick in steps:
             pair.step(op, pick)
-            pair.compare_outputs()
+            if not pair.compare_outputs():
+                break
