@@ -8,6 +8,10 @@ matches an entry equal to it or ending with `.<entry>`. Each match becomes one S
 `param` atoms and expert-stack roles (`@moe.up`) add full parameter paths to those entries.
 `rank`/`alpha` rules apply by parameter path, as PEFT's rank_pattern keys match
 `<module>.<parameter>` for a ParamWrapper.
+
+Several parameters of one module give several Sites at one path, in PEFT's matching order
+(the module's registration order): the runtime nests one adapted layer per parameter, the
+first innermost, as PEFT nests its ParamWrappers (see `surgeon.methods.lora.param`).
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ def parameter_sites(model: nn.Module, adapter, wanted: Sequence[str], module_pat
     if not found:
         raise fail(f"adapter `{adapter.name}`: target_parameters={list(wanted)} were set but no "
                    "parameter was matched")
-    seen: set[str] = set()
     sites = []
     for path, name in found:
         if path == "":
@@ -53,12 +56,6 @@ def parameter_sites(model: nn.Module, adapter, wanted: Sequence[str], module_pat
         if path in module_paths:
             raise fail(f"`{path}` is targeted as a module and its parameter `{name}` by "
                        "target_parameters; PEFT refuses that too (drop one)")
-        if path in seen:
-            raise fail(f"`{path}`: more than one of its parameters is targeted (`{name}` and "
-                       f"another); PEFT nests one lora.ParamWrapper per parameter (keys under "
-                       f"`{path}.base_layer.`), which surgeon does not build yet: target one "
-                       "parameter per module (e.g. `@moe.down` or `@moe.up`, not both)")
-        seen.add(path)
         sites.append(make(path, {NAME_OPTION: name}))
     return tuple(sites)
 
@@ -84,7 +81,11 @@ def planned_sites(planner: Any, adapter, wanted: Sequence[str], kept: set[str],
                     r=r, alpha=float(alpha), scaling=config.scaling(alpha, r, options),
                     options=tuple(sorted(options.items())),
                     rule="" if rule.span == NO_SPAN else rule.span.location())
-        return replace(site, params=runtime.num_params(planner.resolver.modules[path], site))
+        try:  # PEFT's refusal of a 1-D or 4-D parameter, located at its rule
+            params = runtime.num_params(planner.resolver.modules[path], site)
+        except ValueError as error:
+            raise planner.error(f"`{key}`: {error}", rule) from None
+        return replace(site, params=params)
 
     at = node or next(iter(planner.picked.values()), adapter)
     return parameter_sites(planner.resolver.model, adapter, wanted, kept, make,

@@ -103,6 +103,7 @@ def prepare(spec: Spec, model: nn.Module, *, example_inputs=None) -> Prepared:
     state = state_of(model)
     _check_names(spec, state)
     the_plan = make_plan(spec, base_view(model), example_inputs=example_inputs)
+    _check_parameter_sets(state, the_plan.adapters)
     prepared = Prepared()
     try:
         for ap in the_plan.adapters:
@@ -118,6 +119,24 @@ def prepare(spec: Spec, model: nn.Module, *, example_inputs=None) -> Prepared:
         discard(prepared)
         raise
     return prepared
+
+
+def _parameters(sites: tuple[Site, ...]) -> frozenset[str]:
+    return frozenset(f"{s.path}.{s.option('parameter_name')}" for s in sites if s.kind == "Parameter")
+
+
+def _check_parameter_sets(state: State | None, planned) -> None:
+    """PEFT 0.21 refuses adapters whose target_parameters differ (its nesting of wrappers
+    says which parameter a factor belongs to); surgeon compares the matched parameters."""
+    seen = [(i.name, _parameters(i.sites)) for i in (state.adapters if state else ())]
+    for ap in planned:
+        mine = _parameters(ap.sites)
+        for name, theirs in seen:
+            if mine and theirs and mine != theirs:
+                raise PlanError(f"adapter `{ap.name}` must target the same parameters as adapter "
+                                f"`{name}` (PEFT: all adapters using target_parameters target the same "
+                                f"set): {sorted(mine)} vs {sorted(theirs)}")
+        seen.append((ap.name, mine))
 
 
 def discard(prepared: Prepared) -> None:
@@ -152,6 +171,19 @@ def _add_later(prepared: Prepared, path: str, wrapper: Wrapper, adapter: str,
         prepared.added.append((wrapper, adapter, step))
 
 
+def _parameter_layer(layer: AdaptedLayer, site: Site) -> AdaptedLayer | None:
+    """Where a bare-parameter site (LoRA's target_parameters) goes in the nest at its path: the
+    layer adapting the same parameter; None (nest a new layer around `layer`) when its adapter
+    already adapts another parameter there (a layer this prepare built: `_check_parameter_sets`
+    keeps the sets equal), as PEFT nests ParamWrappers; else `layer`, which refuses it."""
+    name, module = site.option("parameter_name"), layer
+    while isinstance(module, AdaptedLayer) and module.kind == site.kind:
+        if module.__dict__.get("parameter_name") == name:  # set by LoRA's param.create
+            return module
+        module = module.base_layer
+    return None if site.adapter in layer.sites else layer
+
+
 def _prepare_shared(model: nn.Module, adapter: str, sites: tuple[Site, ...],
                     prepared: Prepared) -> dict[str, nn.Module]:
     """The method's model-level containers holding `adapter`'s shared tensors too (runtime
@@ -182,6 +214,11 @@ def _prepare_shared(model: nn.Module, adapter: str, sites: tuple[Site, ...],
 def _prepare_site(model: nn.Module, site: Site, prepared: Prepared,
                   shared: dict[str, nn.Module] | None = None) -> None:
     module = _module_at(model, site.path, prepared)
+    if isinstance(module, AdaptedLayer) and site.kind == "Parameter" and module.kind == site.kind:
+        if (held := _parameter_layer(module, site)) is None:
+            prepared.new[site.path] = AdaptedLayer(module, site, shared)
+            return None
+        module = held
     if isinstance(module, AdaptedLayer):
         if site.kind != module.kind or site.method != module.method.name:
             raise PlanError(f"`{site.path}` holds {module.method.name}/{module.kind} adapters; "

@@ -13,8 +13,22 @@ Factors, as PEFT builds them (`lora_A`/`lora_B` are `nn.Linear`, so the keys are
   `is_transposed` stores `(E, in, out)`: then `A (r*E, d1)`, `B (d2, r*E)`, delta[e] `(B_e @ A_e).T`.
 
 PEFT refuses dropout, fan_in_fan_out, lora_bias and DoRA here (it cannot factor x out of the
-weight), and mixed-adapter batches; so does this file. Two targeted parameters on one module
-nest two wrappers in PEFT; surgeon refuses that at plan time for now.
+weight), and mixed-adapter batches; so does this file.
+
+Several targeted parameters on one module (a transformers 5 MoE's `experts.gate_up_proj` and
+`experts.down_proj`): PEFT nests one ParamWrapper per parameter, the first matched innermost,
+and surgeon nests adapted layers the same way (`surgeon.runtime.transaction` builds the nest:
+one Site per parameter, each layer adapting one parameter). Why real nesting and not one layer
+holding several parameters: the state_dict, and so the checkpoint, is then PEFT's by
+construction (`experts.lora_A.<a>` for the last parameter, `experts.base_layer.lora_A.<a>` for
+the one before, the module at `experts.base_layer.base_layer`), and every model-level walk
+(merge, unload innermost first, checkpoint layout, freezing) already handles one layer per
+path. Each layer reads its parameter on the host module below the nest (`host`); an outer
+layer calls the inner one with its own parameter substituted at `base_layer.<...>.<name>`, so
+the host runs with every nested delta applied, as PEFT's stacked parametrizations do. A new
+adapter joins the layer adapting the same parameter (PEFT's `find_existing_param_wrapper`; each
+layer remembers its parameter as `parameter_name`, as a ParamWrapper does); adapters targeting
+different parameter sets are refused, as PEFT refuses them (`transaction._check_parameter_sets`).
 """
 
 from __future__ import annotations
@@ -32,9 +46,25 @@ KIND = "Parameter"
 NAME_OPTION = "parameter_name"  # the Site option holding the parameter's name on its module
 
 
+def host(layer: LayerView) -> nn.Module:
+    """The module owning the parameter: below every nested layer (see the module docstring)."""
+    base = layer.base_layer
+    while isinstance(base, type(layer)):
+        base = base.base_layer
+    return base
+
+
+def _key(layer: LayerView) -> str:
+    """The parameter's name as `functional_call` on `layer.base_layer` sees it."""
+    base, prefix = layer.base_layer, ""
+    while isinstance(base, type(layer)):
+        base, prefix = base.base_layer, prefix + "base_layer."
+    return prefix + _name(layer)
+
+
 def parameter(layer: LayerView) -> nn.Parameter:
     """The wrapped parameter (of the module, not a copy)."""
-    return getattr(layer.base_layer, _name(layer))
+    return getattr(host(layer), _name(layer))
 
 
 def _name(layer: LayerView) -> str:
@@ -69,6 +99,7 @@ def check_same_parameter(layer: LayerView, site: Site) -> None:
     """Every adapter of one layer adapts the same parameter (PEFT: all adapters using
     target_parameters target the same set)."""
     names = {s.option(NAME_OPTION) for s in layer.sites.values()} | {site.option(NAME_OPTION)}
+    names |= {layer.__dict__[NAME_OPTION]} if NAME_OPTION in layer.__dict__ else set()
     if len(names) > 1:
         raise ValueError(f"`{site.path}`: all adapters must target the same parameter with "
                          f"target_parameters, got {sorted(names)}.")
@@ -76,9 +107,11 @@ def check_same_parameter(layer: LayerView, site: Site) -> None:
 
 def create(layer: LayerView, site: Site) -> None:
     """The factors in PEFT's order (dropout, A, B), so a seeded RNG draws the same numbers."""
-    param = getattr(layer.base_layer, site.option(NAME_OPTION))
-    experts, n_in, n_out = shapes(param, layer.base_layer)
+    param = getattr(host(layer), site.option(NAME_OPTION))
+    experts, n_in, n_out = shapes(param, host(layer))
     a = site.adapter
+    # remembered, as PEFT's `ParamWrapper.parameter_name`, when every adapter is deleted
+    layer.__dict__[NAME_OPTION] = site.option(NAME_OPTION)
     layer.lora_dropout[a] = nn.Identity()
     layer.lora_A[a] = nn.Linear(n_in, site.r * experts, bias=False)
     layer.lora_B[a] = nn.Linear(site.r * experts, n_out, bias=False)
@@ -120,7 +153,7 @@ def delta(layer: LayerView, adapter: str) -> torch.Tensor:
     else:
         b, a = _per_expert(layer, adapter)
         out = torch.bmm(b, a) * scaling
-        if _transposed(layer.base_layer):
+        if _transposed(host(layer)):
             out = out.transpose(-2, -1)
     return out.to(param.device, param.dtype)
 
@@ -132,7 +165,7 @@ def _substituted(layer: LayerView, adapters: list[str]) -> torch.Tensor:
     if len(adapters) == 1 and param.dim() == 3 and param.shape[0] > 1 \
             and param.dtype not in (torch.float16, torch.bfloat16):
         b, a = _per_expert(layer, adapters[0])
-        lhs, rhs = (a.transpose(-2, -1), b.transpose(-2, -1)) if _transposed(layer.base_layer) \
+        lhs, rhs = (a.transpose(-2, -1), b.transpose(-2, -1)) if _transposed(host(layer)) \
             else (b, a)
         return torch.baddbmm(param, lhs.to(param.dtype), rhs.to(param.dtype),
                              alpha=layer.sites[adapters[0]].scaling)
@@ -151,7 +184,7 @@ def forward(layer: LayerView, *args: Any, **kwargs: Any) -> Any:
     base = layer.base_layer
     if not adapters:
         return base(*args, **kwargs)
-    swapped = {_name(layer): _substituted(layer, adapters)}
+    swapped = {_key(layer): _substituted(layer, adapters)}
     return torch.func.functional_call(base, swapped, args, kwargs)
 
 
