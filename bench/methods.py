@@ -61,6 +61,7 @@ class Case:
 
 CASES = (
     Case("lora r8", "llama", "lora", (("r", 8),)),
+    Case("dora r8", "llama", "lora", (("r", 8), ("use_dora", True))),
     Case("loha r8", "llama", "loha", (("r", 8),)),
     Case("lokr r8", "llama", "lokr", (("r", 8),)),
     Case("lokr r8 both", "llama", "lokr", (("r", 8), ("decompose_both", True))),
@@ -70,6 +71,9 @@ CASES = (
     Case("loha r8 conv", "convnet", "loha", (("r", 8),)),
     Case("loha r4 cp conv", "convnet", "loha", (("r", 4), ("use_effective_conv2d", True))),
     Case("lokr r8 conv", "convnet", "lokr", (("r", 8),)),
+    Case("vera r8", "llama", "vera", (("r", 8),)),
+    Case("oft b8", "llama", "oft", (("oft_block_size", 8),)),
+    Case("hra r8", "llama", "hra", (("r", 8),)),
     Case("miss r8", "llama", "miss", (("r", 8),)),
     Case("shira r8", "llama", "shira", (("r", 8),)),
     Case("boft b8", "llama", "boft", (("boft_block_size", 8),)),
@@ -202,7 +206,7 @@ def _print(rows: dict[str, dict[str, float]]) -> None:
            f"{'train/LoRA s':>14}{'train/LoRA p':>14}{'max diff':>10}"
     print(head)
     for name, r in rows.items():
-        lora = rows.get("lora r8 conv" if "conv" in name else "lora r8")
+        lora = rows.get("lora r8 conv" if "conv" in name else "lora r8")  # DoRA too: within 1.15x?
         rel = [f"{r[f'train_{s}'] / lora[f'train_{s}']:.2f}" if lora else "-" for s in SIDES]
         print(f"{name:<18}{r['forward_surgeon'] * 1e3:>7.2f}/{r['forward_peft'] * 1e3:<8.2f}"
               f"{r['forward_surgeon'] / r['forward_peft']:>10.2f}"
