@@ -13,12 +13,15 @@ resumes after an interruption; `--report` turns the cache into docs/zoo.md.
     python bench/zoo.py --shard 1/2 --budget 1800
     python bench/zoo.py --report                        # writes docs/zoo.md
     python bench/zoo.py --types llama,t5 --fresh        # a few types, ignoring the cache
+    python bench/zoo.py --only llama t5 --fresh         # the same
+    python bench/zoo.py --sample 200 --cache /tmp/s.jsonl   # a fixed random sample (seed 0)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import signal
 import sys
@@ -59,6 +62,13 @@ def all_types() -> list[str]:
     return sorted(CONFIG_MAPPING_NAMES)
 
 
+def sample(types: list[str], size: int | None) -> list[str]:
+    """`size` types drawn with a fixed seed (the same sample on every run), in sorted order."""
+    if size is None or size >= len(types):
+        return types
+    return sorted(random.Random(0).sample(types, size))
+
+
 def _why(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:200] if text else ''}"
@@ -80,7 +90,8 @@ def sweep_one(model_type: str) -> dict[str, Any]:
         return row
     row["built"] = True
     row["class"] = type(model).__name__
-    row.update(runs=False, why="no inputs synthesized")
+    row.update(runs=False, why=_no_call(model))
+    errors = []
     for inputs in input_candidates(model, "cpu"):  # as capture tries them: most complete first
         try:
             args, kwargs = inputs.split(inputs.flat())
@@ -89,10 +100,26 @@ def sweep_one(model_type: str) -> dict[str, Any]:
             row.update(runs=True, why="")
             break
         except Exception as error:  # noqa: BLE001
-            row.update(runs=False, why=_why(error))
+            errors.append(_why(error))
+            # The most complete call's error says most; later calls drop inputs or reshape them.
+            row.update(runs=False, why=errors[0])
     row.update(_roles_row(model))
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
+
+
+def _no_call(model: Any) -> str:
+    """Why no call was tried: the model has no forward, or which required inputs no maker knows."""
+    from torch import nn
+
+    from surgeon.capture.synthesize import missing_inputs
+
+    if type(model).forward is nn.Module.forward:
+        return f"no forward: {type(model).__name__} is used through other methods (encode, generate)"
+    missing = missing_inputs(model)
+    if missing:
+        return "no inputs synthesized: no maker for required " + ", ".join(missing)
+    return "no inputs synthesized: the forward takes none of the known inputs"
 
 
 def _roles_row(model: Any) -> dict[str, Any]:
@@ -178,7 +205,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"types": len(rows), "built": len(built), "runs": len(runs), "runs_pct": pct(runs, built),
             "roles": len(computed), "roles_pct": pct(computed, runs),
             "named": len(named), "agree": len(agree), "agree_pct": pct(agree, named),
-            "uncertain": sum(1 for r in computed if r.get("uncertain"))}
+            "uncertain": sum(1 for r in computed if r.get("uncertain")),
+            "no_forward": sum(1 for r in built if str(r.get("why", "")).startswith("no forward"))}
 
 
 def write_report(rows: list[dict[str, Any]], path: Path) -> None:
@@ -194,9 +222,12 @@ def write_report(rows: list[dict[str, Any]], path: Path) -> None:
         "(`+N?`) how many got an uncertain role instead (refused by role selectors). Families:",
         ", ".join(f"`{f}`" for f in FAMILIES) + ".",
         "",
-        f"**{s['types']} types; {s['built']} build; {s['runs']} run ({s['runs_pct']}); roles for "
-        f"{s['roles']} of those ({s['roles_pct']}); names agree on {s['agree']} of {s['named']} "
-        f"models with conventional names ({s['agree_pct']}); {s['uncertain']} marked uncertain.**",
+        (f"**{s['types']} types; {s['built']} build ({s['no_forward']} of them without a forward of "
+         f"their own); {s['runs']} run ({s['runs_pct']}); roles for "
+         f"{s['roles']} of those ({s['roles_pct']}); names agree on {s['agree']} of {s['named']} "
+         f"models with conventional names ({s['agree_pct']}); {s['uncertain']} marked uncertain.**"),
+        "",
+        _coverage(len(rows)),
         "",
         "| type | builds | runs | roles | families | names (disagree) | note |",
         "|---|---|---|---|---|---|---|",
@@ -215,6 +246,14 @@ def write_report(rows: list[dict[str, Any]], path: Path) -> None:
     print(json.dumps(s))
 
 
+def _coverage(count: int) -> str:
+    total = len(all_types())
+    if count >= total:
+        return f"The whole zoo: every one of the {total} types transformers ships."
+    return (f"A sample: {count} of the {total} types transformers ships (`--sample {count}`, a fixed "
+            "seed), so the shares above estimate the whole zoo's.")
+
+
 def _yes(value: Any) -> str:
     return "yes" if value else ("no" if value is not None else "")
 
@@ -227,6 +266,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shard", default="0/1", help="i/n: every n-th type starting at i")
     parser.add_argument("--types", help="comma-separated types instead of the whole zoo")
+    parser.add_argument("--only", nargs="+", metavar="TYPE", help="these types instead of the whole zoo")
+    parser.add_argument("--sample", type=int, help="a fixed random sample (seed 0) of this many types")
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--budget", type=float, default=3600, help="seconds before stopping")
     parser.add_argument("--per-type", type=int, default=90, help="seconds one type may take")
@@ -237,7 +278,8 @@ def main() -> None:
         write_report(read_cache(args.cache), REPORT)
         return
     index, _, count = args.shard.partition("/")
-    types = args.types.split(",") if args.types else all_types()[int(index)::int(count)]
+    types = args.only or (args.types.split(",") if args.types else sample(all_types(), args.sample))
+    types = types[int(index)::int(count)]
     run_sweep(types, args.cache, args.budget, args.per_type, args.fresh)
 
 

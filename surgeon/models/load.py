@@ -255,8 +255,9 @@ def _load_tiny(spec: str) -> LoadedModel:
         torch.manual_seed(TINY_SEED)
         try:
             shrunk = shrink_config_dict(config.to_dict())
-            if _uses_mrope(config):
-                shrunk = fit_mrope(shrunk)
+            sections = _mrope_default(config)
+            if sections:
+                shrunk = fit_mrope(shrunk, sections)
             config = type(config).from_dict(shrunk)
             model_class = _tiny_class(spec, config, class_name)
             build = model_class.from_config if model_class.__name__.startswith("Auto") \
@@ -265,16 +266,24 @@ def _load_tiny(spec: str) -> LoadedModel:
         except ModelError:
             raise
         except Exception as error:  # noqa: BLE001 - any architecture may refuse a shrunk config
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ModelError(f"model '{spec}': cannot build a tiny '{model_type}': "
-                             f"{type(error).__name__}: {first_line}") from None
+                             f"{type(error).__name__}: {_reason(error)}") from None
     model.eval()
     return LoadedModel(model, None, spec, None)
 
 
-def _uses_mrope(config: Any) -> bool:
-    """Whether the architecture's modeling code has multimodal RoPE sections (read from source:
-    the sections are a default in the code, not a config field)."""
+def _reason(error: BaseException) -> str:
+    """The first line of an error, with the next one when it only introduces it (a config
+    validator's "Class validation error for validator 'validate_architecture':")."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
+    return lines[0] if lines else ""
+
+
+def _mrope_default(config: Any) -> list[int] | None:
+    """The multimodal RoPE sections the architecture's modeling code defaults to (read from source:
+    the sections are a default in the code, not a config field); None without multimodal RoPE."""
     import inspect
 
     subs = (getattr(config, key, None) for key in (getattr(config, "sub_configs", None) or {}))
@@ -282,11 +291,13 @@ def _uses_mrope(config: Any) -> bool:
     for cls in classes:
         try:
             module = importlib.import_module(cls.__module__.replace(".configuration_", ".modeling_"))
-            if "mrope_section" in inspect.getsource(module):
-                return True
+            source = inspect.getsource(module)
         except (ImportError, OSError, TypeError):
             continue
-    return False
+        if "mrope_section" in source:
+            found = re.search(r"mrope_section\W{1,8}\[(\d+(?:\s*,\s*\d+)*)\]", source)
+            return [int(v) for v in found.group(1).split(",")] if found else [16, 24, 24]  # Qwen2-VL's
+    return None
 
 
 def _tiny_class(spec: str, config: Any, class_name: str) -> Any:

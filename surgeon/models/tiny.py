@@ -22,7 +22,7 @@ EXPERTS = 4
 # key -> tiny value, applied only where the key exists and holds a larger int.
 _SIZES: dict[str, int] = {
     **dict.fromkeys(("d_model", "n_embd", "embed_dim", "dim", "word_embed_proj_dim", "projection_dim",
-                     "embedding_dim", "text_embed_dim", "vision_embed_dim"), HIDDEN),
+                     "projection_size", "embedding_dim", "text_embed_dim", "vision_embed_dim"), HIDDEN),
     **dict.fromkeys(("ffn_dim", "d_ff", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim", "hidden_dim",
                      "mlp_dim"), FFN),
     **dict.fromkeys(("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
@@ -30,7 +30,7 @@ _SIZES: dict[str, int] = {
     **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads",
                      "encoder_attention_heads", "decoder_attention_heads"), HEADS),
     **dict.fromkeys(("head_dim", "d_kv", "attention_head_dim", "kv_channels", "v_head_dim",
-                     "rotary_dim"), HEAD_DIM),
+                     "rotary_dim", "d_head"), HEAD_DIM),
     **dict.fromkeys(("qk_nope_head_dim", "qk_rope_head_dim"), HEAD_DIM // 2),
     **dict.fromkeys(("q_lora_rank", "kv_lora_rank"), 2 * HEAD_DIM),
     "vocab_size": VOCAB,
@@ -38,6 +38,8 @@ _SIZES: dict[str, int] = {
     **dict.fromkeys(("num_experts_per_tok", "moe_topk", "moe_k", "num_selected_experts", "top_k"), 2),
     **dict.fromkeys(("n_shared_experts", "num_shared_experts", "n_group", "topk_group"), 1),
     "image_size": 64,
+    # Object queries: DETRs pick their top-k among the encoder's tokens, few in a tiny image.
+    "num_queries": 16,
 }
 _KV_HEADS = ("num_key_value_heads", "n_head_kv", "num_kv_heads", "multi_query_group_num")
 _HEAD_COUNTS = ("num_attention_heads", "n_head", "num_heads")
@@ -46,7 +48,8 @@ _LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "enco
 # Counts some default configs leave unset (None) although the model needs them.
 _UNSET = {"num_experts_per_tok": 2, "head_dim": HEAD_DIM, "vocab_size": VOCAB}
 # Derived from the layer or stage count; the config recomputes them when they are absent.
-_DERIVED = ("stage_names", "out_features", "out_indices", "_out_features", "_out_indices")
+_DERIVED = ("stage_names", "out_features", "out_indices", "_out_features", "_out_indices",
+            "true_hidden_size")  # MobileBERT: the bottleneck's width or the hidden size
 
 
 def shrink_config_dict(config: dict[str, Any]) -> dict[str, Any]:
@@ -57,16 +60,27 @@ def shrink_config_dict(config: dict[str, Any]) -> dict[str, Any]:
         64
     """
     before = _first_int(config, _LAYER_COUNTS)
+    depths = config.get("depths")
+    if isinstance(depths, list) and before == len(depths):
+        before = None  # Swin's `num_layers` counts stages: every stage stays (`depths` shrink each)
     kinds = config.get("layer_types")
     after = max(LAYERS, len(set(map(str, kinds)))) if isinstance(kinds, list) else LAYERS
     out: dict[str, Any] = {}
     for key, value in config.items():
-        if key in _DERIVED:
+        if key in _DERIVED and key not in ("out_indices", "_out_indices"):
             continue
-        out[key] = _shrink_value(key, value, config, before, after)
+        staged = before is None and key in _LAYER_COUNTS and isinstance(depths, list)
+        out[key] = value if staged else _shrink_value(key, value, config, before, after)
     _fit_token_ids(out)
     _fit_conv_stages(out)
+    _drop_stale_indices(out)
     _fit_hybrid_periods(out, after)
+    _fit_backbone_outputs(out)
+    _fit_backbone_channels(out)
+    _fit_layout_embeddings(out)
+    _fit_derived_widths(out)
+    _fit_ssm_heads(out)
+    _keep_equal_to_hidden(config, out)
     if config.get("head_dim") is not None and config.get("head_dim") == config.get("qk_rope_head_dim"):
         out["head_dim"] = out["qk_rope_head_dim"]  # MLA: RoPE runs on head_dim channels
     return out
@@ -97,6 +111,8 @@ def _shrink_value(key: str, value: Any, config: dict[str, Any], before: int | No
         return value if value < after else -1
     if key in _LAYER_COUNTS or key in ("num_decoder_layers", "num_encoder_layers", "decoder_layers"):
         return min(value, after)
+    if key == "hidden_dim" and "width_coefficient" in config:
+        return value  # EfficientNet: the top conv's width, fixed by the code as 1280 x width_coefficient
     return min(value, _tiny_size(key, value))
 
 
@@ -178,11 +194,19 @@ def _fit_conv_stages(config: dict[str, Any]) -> None:
     sizes = config.get("hidden_sizes")
     if isinstance(sizes, list) and sizes and all(isinstance(s, int) for s in sizes):
         config["hidden_sizes"] = [16 * 2 ** min(i, 2) for i in range(len(sizes))]
+        if isinstance(config.get("stage_out_channels"), list):  # HGNet: the widths its stages produce
+            config["hidden_sizes"] = config["stage_out_channels"]
         if isinstance(config.get("embedding_size"), int):
             config["embedding_size"] = 16
     depths = config.get("depths")
     if isinstance(depths, list) and depths and all(isinstance(d, int) for d in depths):
         config["depths"] = [1] * len(depths)
+        if isinstance(config.get("embed_dim"), int):  # Swin: the first stage's width, doubled per stage
+            config["embed_dim"] = 16
+        image, patch, window = (config.get(k) for k in ("image_size", "patch_size", "window_size"))
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in (image, patch, window)):
+            # Swin: windows fit the last stage's patch grid (2 x 2 for a 64-pixel image and 4 stages).
+            config["window_size"] = min(window, max(1, image // patch // 2 ** (len(depths) - 1)))
 
 
 def _fit_hybrid_periods(config: dict[str, Any], layers: int) -> None:
@@ -195,14 +219,109 @@ def _fit_hybrid_periods(config: dict[str, Any], layers: int) -> None:
                 config[offset_key] = min(config[offset_key], layers - 1)
 
 
-def fit_mrope(config: dict[str, Any]) -> dict[str, Any]:
+def _drop_stale_indices(config: dict[str, Any]) -> None:
+    """A backbone's `out_indices` stay while they name stages the tiny model keeps (a convnet keeps
+    every stage: RT-DETR's [2, 3, 4] of ResNet's 4); layer indices past the tiny depth go (the
+    config then defaults to the last stage)."""
+    depths = config.get("depths")
+    for key in ("out_indices", "_out_indices"):
+        value = config.get(key)
+        if key in config and not (isinstance(depths, list) and isinstance(value, list | tuple)
+                                  and all(isinstance(i, int) and i <= len(depths) for i in value)):
+            del config[key]
+
+
+def _fit_backbone_channels(config: dict[str, Any]) -> None:
+    """RT-DETR-style `encoder_in_channels`: the widths of the backbone stages it reads, which the
+    tiny backbone narrowed (stage i of `out_indices` is `hidden_sizes[i - 1]`)."""
+    wanted, backbone = config.get("encoder_in_channels"), config.get("backbone_config")
+    if not isinstance(wanted, list) or not isinstance(backbone, dict):
+        return
+    sizes = backbone.get("stage_out_channels") or backbone.get("hidden_sizes")  # HGNet names them apart
+    indices = backbone.get("out_indices")
+    if isinstance(sizes, list) and isinstance(indices, list) and len(indices) >= len(wanted):
+        config["encoder_in_channels"] = [sizes[i - 1] for i in indices[len(indices) - len(wanted):]]
+
+
+def _fit_backbone_outputs(config: dict[str, Any]) -> None:
+    """A DPT-style neck (Depth Anything, ZoeDepth, CHM) takes one feature map per entry of
+    `neck_hidden_sizes` from its backbone: the tiny backbone keeps that many layers and outputs
+    the last ones."""
+    neck = config.get("neck_hidden_sizes") or config.get("post_process_channels")
+    backbone = config.get("backbone_config")
+    if not isinstance(neck, list) or not isinstance(backbone, dict):
+        return
+    depths = backbone.get("depths")
+    if isinstance(depths, list) and len(depths) >= len(neck):  # a staged convnet or Swin
+        backbone["out_indices"] = list(range(len(depths) - len(neck) + 1, len(depths) + 1))
+        return
+    key = next((k for k in _LAYER_COUNTS if isinstance(backbone.get(k), int)), None)
+    if key is not None:
+        backbone[key] = max(backbone[key], len(neck))
+        backbone["out_indices"] = list(range(backbone[key] - len(neck) + 1, backbone[key] + 1))
+
+
+def _fit_layout_embeddings(config: dict[str, Any]) -> None:
+    """LayoutLMv2/v3 concatenate 4 coordinate and 2 shape embeddings into one hidden vector."""
+    hidden = config.get("hidden_size")
+    if isinstance(hidden, int) and isinstance(config.get("coordinate_size"), int) \
+            and isinstance(config.get("shape_size"), int):
+        config["coordinate_size"] = hidden // 6
+        config["shape_size"] = (hidden - 4 * (hidden // 6)) // 2
+
+
+def _fit_derived_widths(config: dict[str, Any]) -> None:
+    """Sizes some configs state although they follow from others: SAM's prompt grid is the image's
+    patch grid; Hiera's (SAM 2) patch embedding is its first stage, whose width it states apart."""
+    image, patch = config.get("image_size"), config.get("patch_size")
+    if isinstance(config.get("image_embedding_size"), int) and isinstance(image, int) and isinstance(patch, int):
+        config["image_embedding_size"] = image // patch
+    stages = config.get("embed_dim_per_stage")
+    if isinstance(stages, list) and stages and isinstance(config.get("hidden_size"), int):
+        config["hidden_size"] = stages[0]
+
+
+def _fit_ssm_heads(config: dict[str, Any]) -> None:
+    """Mamba-2 (and hybrids: Bamba, Granite 4): the heads split the SSM width exactly, so the
+    head count follows the tiny sizes. The width is hidden x expand unless stated (Falcon-H1's
+    `mamba_d_ssm`)."""
+    hidden = config.get("hidden_size")
+    for expand_key, heads_key, dim_key in (("expand", "num_heads", "head_dim"),
+                                           ("mamba_expand", "mamba_n_heads", "mamba_d_head"),
+                                           ("mamba_expand", "n_mamba_heads", "mamba_headdim")):
+        expand, dim = config.get(expand_key), config.get(dim_key)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (hidden, expand, dim)) \
+                or not isinstance(config.get(heads_key), int):
+            continue
+        width = config.get("mamba_d_ssm") if expand_key.startswith("mamba") else None
+        width = width if isinstance(width, int) else hidden * expand
+        if width % dim == 0:
+            config[heads_key] = width // dim
+        elif width % config[heads_key] == 0:  # a head wider than the tiny width (Zamba 2's 640)
+            config[dim_key] = width // config[heads_key]
+
+
+def _keep_equal_to_hidden(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """A width the config states apart but that must equal the hidden size (WavTokenizer's
+    `codebook_dim`): one that equalled it and no rule shrank stays equal to it."""
+    old, new = before.get("hidden_size"), after.get("hidden_size")
+    if not isinstance(old, int) or not isinstance(new, int) or old == new:
+        return
+    for key, value in before.items():
+        if key.endswith(("_dim", "_size")) and "vocab" not in key and value == old and after.get(key) == old:
+            after[key] = new
+
+
+def fit_mrope(config: dict[str, Any], sections: list[int]) -> dict[str, Any]:
     """Multimodal RoPE whose sections default in the modeling code (Qwen2-VL's [16, 24, 24], made
-    for head_dim 128): state sections that fit the tiny head_dim in every `rope_parameters`."""
+    for head_dim 128): state those sections, rescaled to the rotary half of the tiny head_dim
+    (a partial rotary factor rotates only part of it), in every `rope_parameters`."""
     out = dict(config)
     for key, value in config.items():
         if isinstance(value, dict) and "model_type" in value:
-            out[key] = fit_mrope(value)
+            out[key] = fit_mrope(value, sections)
         elif key == "rope_parameters" and isinstance(value, dict) and "mrope_section" not in value:
-            out[key] = {**value, "mrope_section": _fit_sections([16, 24, 24], HEAD_DIM // 2)}
+            partial = value.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0
+            total = max(len(sections), int(HEAD_DIM * partial) // 2)
+            out[key] = {**value, "mrope_section": _fit_sections(sections, total)}
     return out
-
