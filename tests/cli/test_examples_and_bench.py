@@ -54,7 +54,7 @@ def test_mixed_batch_bench_smoke_agrees_with_peft():
 
 
 def test_kernel_bench_smoke_times_references_against_peft():
-    proc = run("bench/kernels.py", "--smoke")
+    proc = run("bench/triton_kernels.py", "--smoke")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {c.split()[0] for c in report["rows"]} == {"lora", "gathered", "dora"}

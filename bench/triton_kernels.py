@@ -1,7 +1,7 @@
 """The Triton kernels (surgeon/kernels/) against their torch references and peft's layers.
 
-    python bench/kernels.py --device cuda     # on a GPU: kernel, reference, peft; ratios
-    python bench/kernels.py --smoke           # CPU: the references and peft only (no kernels)
+    python bench/triton_kernels.py --device cuda     # on a GPU: kernel, reference, peft; ratios
+    python bench/triton_kernels.py --smoke           # CPU: the references and peft only (no kernels)
 
 Per shape (tokens, hidden, rank) it times, in alternation:
     lora      one adapted Linear's LoRA branch added to the base output: the fused kernel
