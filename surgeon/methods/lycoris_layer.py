@@ -24,6 +24,7 @@ from torch import fx, nn
 
 from surgeon.errors import UserError
 from surgeon.runtime.graph import META
+from surgeon.runtime.method import remove_entries
 
 if TYPE_CHECKING:
     from surgeon.planning.site import Site
@@ -115,10 +116,7 @@ class LycorisRuntime:
                 table[site.adapter] = nn.Parameter(table[site.adapter].detach().to(weight.device, dtype))
 
     def remove(self, layer: LayerView, adapter: str) -> None:
-        for name, _ in self.containers:
-            table = layer._modules[name]
-            if adapter in table:
-                del table[adapter]
+        remove_entries(layer, self.containers, adapter)
 
     def num_params(self, base: nn.Module, site: Site) -> int:
         return sum(math.prod(s) for s in self.shapes(base, site.kind, site).values())

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+import torch
+from torch import nn
+
 from surgeon.runtime.graph import LayerView
 
 if TYPE_CHECKING:
-    import torch
-    from torch import fx, nn
+    from torch import fx
 
     from surgeon.planning.site import Site
     from surgeon.runtime.graph import Builder
@@ -135,6 +137,22 @@ class MethodLayer(LayerView, Protocol):
     need (they call the method). `AdaptedLayer` implements it."""
 
     method: MethodRuntime
+
+
+def remove_entries(layer: LayerView, containers: tuple[tuple[str, type], ...], adapter: str) -> None:
+    """Delete `adapter`'s entry from each of `containers` on `layer` (what most `remove`s do;
+    model-level shared containers included, as PEFT's delete_adapter drops them too)."""
+    for name, _ in containers:
+        table = layer._modules[name]
+        if adapter in table:
+            del table[adapter]
+
+
+def base_parameter(value: torch.Tensor, weight: torch.Tensor) -> nn.Parameter:
+    """`value` as a Parameter on the base weight's device, in its dtype when that is a float one
+    (a quantised base's integer weight keeps the adapter in `value`'s dtype), as PEFT places them."""
+    dtype = weight.dtype if weight.dtype.is_floating_point else None
+    return nn.Parameter(value.to(weight.device, dtype))
 
 
 class AdditiveMerge:

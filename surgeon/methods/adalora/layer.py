@@ -24,7 +24,7 @@ from torch import fx, nn
 from surgeon.errors import UserError
 from surgeon.lang.values import Table
 from surgeon.runtime.base_kinds import in_out_features
-from surgeon.runtime.method import AdditiveMerge
+from surgeon.runtime.method import AdditiveMerge, remove_entries
 
 if TYPE_CHECKING:
     from surgeon.planning.site import Site
@@ -110,10 +110,7 @@ class AdaLora(AdditiveMerge):
         layer.ranknum.set(a, layer.ranknum[a].to(weight.device, dtype))
 
     def remove(self, layer: LayerView, adapter: str) -> None:
-        for name, _ in self.containers:
-            table = layer._modules[name]
-            if adapter in table:
-                del table[adapter]
+        remove_entries(layer, self.containers, adapter)
         if "ranknum" in layer._modules:
             layer.ranknum.pop(adapter)
 

@@ -30,7 +30,7 @@ from torch import fx, nn
 from surgeon.errors import UserError
 from surgeon.lang.matching import full_matches
 from surgeon.lang.values import Table
-from surgeon.runtime.method import AdditiveMerge
+from surgeon.runtime.method import AdditiveMerge, base_parameter, remove_entries
 from surgeon.runtime.quantized import quant_of
 
 if TYPE_CHECKING:
@@ -129,18 +129,15 @@ class Delora(AdditiveMerge):
         with torch.no_grad():
             w_norm = torch.ones(weight.shape[1], device=weight.device) if weight.device.type == "meta" \
                 else torch.norm(weight.data, dim=0).detach()
-        dtype = weight.dtype if weight.dtype.is_floating_point else None
-        layer.delora_A[site.adapter] = nn.Parameter(a.to(weight.device, dtype))
-        layer.delora_B[site.adapter] = nn.Parameter(b.to(weight.device, dtype))
+        dtype = weight.dtype if weight.dtype.is_floating_point else None  # the unsaved tensors too
+        layer.delora_A[site.adapter] = base_parameter(a, weight)
+        layer.delora_B[site.adapter] = base_parameter(b, weight)
         lam = torch.full((1,), initial_lambda(site))
-        layer.delora_lambda[site.adapter] = nn.Parameter(lam.to(weight.device, dtype))
+        layer.delora_lambda[site.adapter] = base_parameter(lam, weight)
         layer.delora_w_norm[site.adapter] = w_norm.to(weight.device, dtype)
 
     def remove(self, layer: LayerView, adapter: str) -> None:
-        for name, _ in self.containers:
-            table = layer._modules[name]
-            if adapter in table:
-                del table[adapter]
+        remove_entries(layer, self.containers, adapter)
 
     def num_params(self, base: nn.Module, site: Site) -> int:
         _check_float(base, site)

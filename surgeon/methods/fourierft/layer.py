@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from surgeon.errors import UserError
 from surgeon.runtime.base_kinds import in_out_features, main_weight
-from surgeon.runtime.method import AdditiveMerge
+from surgeon.runtime.method import AdditiveMerge, base_parameter
 
 if TYPE_CHECKING:
     from surgeon.planning.site import Site
@@ -102,8 +102,7 @@ class FourierFt(AdditiveMerge):
         spectrum = torch.randn(n)  # drawn even when zeroed next, as PEFT (the global RNG moves)
         if site.option("init_weights", False):
             spectrum.zero_()
-        dtype = weight.dtype if weight.dtype.is_floating_point else None
-        layer.fourierft_spectrum[site.adapter] = nn.Parameter(spectrum.to(weight.device, dtype))
+        layer.fourierft_spectrum[site.adapter] = base_parameter(spectrum, weight)
 
     def remove(self, layer: LayerView, adapter: str) -> None:
         if adapter in layer.fourierft_spectrum:

@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from surgeon.errors import UserError
 from surgeon.runtime.base_kinds import in_out_features, main_weight
-from surgeon.runtime.method import AdditiveMerge
+from surgeon.runtime.method import AdditiveMerge, base_parameter, remove_entries
 
 if TYPE_CHECKING:
     from surgeon.planning.site import Site
@@ -133,17 +133,14 @@ class Gralora(AdditiveMerge):
         stacked_a, stacked_b = _stacked(k, r, n_in, n_out, init)
         general = _general(n_in, n_out, hybrid, init)
         weight = main_weight(layer.base_layer, site.kind)
-        dtype = weight.dtype if weight.dtype.is_floating_point else None
-        layer.gralora_A[site.adapter] = nn.Parameter(stacked_a.to(weight.device, dtype))
-        layer.gralora_B[site.adapter] = nn.Parameter(stacked_b.to(weight.device, dtype))
+        dtype = weight.dtype if weight.dtype.is_floating_point else None  # the unsaved tensors too
+        layer.gralora_A[site.adapter] = base_parameter(stacked_a, weight)
+        layer.gralora_B[site.adapter] = base_parameter(stacked_b, weight)
         layer.gralora_A_general[site.adapter] = general[0].to(weight.device, dtype)
         layer.gralora_B_general[site.adapter] = general[1].to(weight.device, dtype)
 
     def remove(self, layer: LayerView, adapter: str) -> None:
-        for name, _ in self.containers:
-            table = layer._modules[name]
-            if adapter in table:
-                del table[adapter]
+        remove_entries(layer, self.containers, adapter)
 
     def num_params(self, base: nn.Module, site: Site) -> int:
         n_in, n_out = in_out_features(base, site.kind)

@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from surgeon.errors import UserError
 from surgeon.runtime.base_kinds import in_out_features
+from surgeon.runtime.method import base_parameter
 
 if TYPE_CHECKING:
     from surgeon.planning.site import Site
@@ -101,8 +102,7 @@ class Hra:
             u = torch.empty(n_in, r)
             nn.init.kaiming_uniform_(u, a=math.sqrt(5))
         weight = layer.base_layer.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else None
-        layer.hra_u[site.adapter] = nn.Parameter(u.to(weight.device, dtype))
+        layer.hra_u[site.adapter] = base_parameter(u, weight)
 
     def remove(self, layer: LayerView, adapter: str) -> None:
         if adapter in layer.hra_u:

@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from surgeon.errors import UserError
 from surgeon.runtime.base_kinds import CONV_KINDS, from_out_major, in_out_features, to_out_major
+from surgeon.runtime.method import base_parameter
 
 if TYPE_CHECKING:
     from surgeon.planning.site import Site
@@ -88,8 +89,7 @@ class Ia3:
         if site.option("init_ia3_weights", True):
             vector.fill_(1.0)
         weight = base.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else None
-        layer.ia3_l[site.adapter] = nn.Parameter(vector.to(weight.device, dtype))
+        layer.ia3_l[site.adapter] = base_parameter(vector, weight)
 
     def remove(self, layer: LayerView, adapter: str) -> None:
         if adapter in layer.ia3_l:

@@ -32,6 +32,7 @@ from surgeon.runtime.base_kinds import (
     in_out_features,
     main_weight,
 )
+from surgeon.runtime.method import remove_entries
 
 if TYPE_CHECKING:
     from surgeon.planning.site import Site
@@ -196,10 +197,7 @@ class Lora:
     def remove(self, layer: LayerView, adapter: str) -> None:
         if layer.kind == mha.KIND:
             mha.remove_out_proj(layer, adapter)
-        for name, _ in self.containers:
-            table = layer._modules[name]
-            if adapter in table:
-                del table[adapter]
+        remove_entries(layer, self.containers, adapter)
 
     def num_params(self, base: nn.Module, site: Site) -> int:
         if site.kind == lora_param.KIND:

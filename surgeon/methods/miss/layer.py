@@ -35,6 +35,7 @@ from torch import fx, nn
 from surgeon.errors import UserError
 from surgeon.runtime import quantized
 from surgeon.runtime.base_kinds import in_out_features
+from surgeon.runtime.method import base_parameter, remove_entries
 
 if TYPE_CHECKING:
     from surgeon.planning.site import Site
@@ -152,14 +153,10 @@ class Miss:
         if site.option("init_weights", True) is False:
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))
         weight = layer.base_layer.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else None
-        layer.miss_block[site.adapter] = nn.Parameter(block.to(weight.device, dtype))
+        layer.miss_block[site.adapter] = base_parameter(block, weight)
 
     def remove(self, layer: LayerView, adapter: str) -> None:
-        for name, _ in self.containers:
-            table = layer._modules[name]
-            if adapter in table:
-                del table[adapter]
+        remove_entries(layer, self.containers, adapter)
 
     def num_params(self, base: nn.Module, site: Site) -> int:
         return math.prod(block_shape(site, in_out_features(base, site.kind)[1]))

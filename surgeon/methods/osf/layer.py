@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from surgeon.errors import UserError
-from surgeon.runtime.method import AdditiveMerge
+from surgeon.runtime.method import AdditiveMerge, remove_entries
 
 if TYPE_CHECKING:
     from surgeon.planning.site import Site
@@ -170,10 +170,7 @@ class Osf(AdditiveMerge):
         layer.osf_svd_params[adapter] = nn.ParameterDict(dict(zip(("U_low", "S_low", "V_low"), low)))
 
     def remove(self, layer: LayerView, adapter: str) -> None:
-        for name, _ in self.containers:
-            table = layer._modules[name]
-            if adapter in table:
-                del table[adapter]
+        remove_entries(layer, self.containers, adapter)
 
     def num_params(self, base: nn.Module, site: Site) -> int:
         n_out, n_in = base.weight.shape

@@ -32,7 +32,7 @@ from torch import fx, nn
 from surgeon.errors import UserError
 from surgeon.methods.vera.layer import Projections
 from surgeon.runtime.base_kinds import in_out_features, main_weight
-from surgeon.runtime.method import AdditiveMerge
+from surgeon.runtime.method import AdditiveMerge, base_parameter, remove_entries
 from surgeon.runtime.quantized import QuantizedBaseError, quant_of
 
 if TYPE_CHECKING:
@@ -204,16 +204,12 @@ class RandLora(AdditiveMerge):
             lam.zero_()
             gamma.fill_(1 / max(gamma.shape))
         weight = main_weight(layer.base_layer, site.kind)
-        dtype = weight.dtype if weight.dtype.is_floating_point else None
-        layer.randlora_lambda[site.adapter] = nn.Parameter(lam.to(weight.device, dtype))
-        layer.randlora_gamma[site.adapter] = nn.Parameter(gamma.to(weight.device, dtype))
+        layer.randlora_lambda[site.adapter] = base_parameter(lam, weight)
+        layer.randlora_gamma[site.adapter] = base_parameter(gamma, weight)
 
     def remove(self, layer: LayerView, adapter: str) -> None:
         # the shared entries go too, as PEFT's delete_adapter (other_param_names)
-        for name, _ in self.containers:
-            table = layer._modules[name]
-            if adapter in table:
-                del table[adapter]
+        remove_entries(layer, self.containers, adapter)
 
     def num_params(self, base: nn.Module, site: Site) -> int:
         n_in, n_out = in_out_features(base, site.kind)

@@ -28,6 +28,7 @@ import torch
 from torch import fx, nn
 
 from surgeon.errors import UserError
+from surgeon.runtime.method import base_parameter
 
 if TYPE_CHECKING:
     from surgeon.planning.site import Site
@@ -110,9 +111,8 @@ class Road:
         else:  # PEFT's order: all angles, then all scales
             nn.init.normal_(theta, mean=0.0, std=0.5), nn.init.normal_(alpha, mean=1.0, std=0.5)
         weight = base.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else None
-        layer.road_theta[site.adapter] = nn.Parameter(theta.to(weight.device, dtype))
-        layer.road_alpha[site.adapter] = nn.Parameter(alpha.to(weight.device, dtype))
+        layer.road_theta[site.adapter] = base_parameter(theta, weight)
+        layer.road_alpha[site.adapter] = base_parameter(alpha, weight)
 
     def remove(self, layer: LayerView, adapter: str) -> None:
         for table in (layer.road_theta, layer.road_alpha):

@@ -36,7 +36,7 @@ from torch import fx, nn
 from surgeon.errors import UserError
 from surgeon.runtime import quantized
 from surgeon.runtime.base_kinds import in_out_features
-from surgeon.runtime.method import AdditiveMerge
+from surgeon.runtime.method import AdditiveMerge, base_parameter, remove_entries
 
 if TYPE_CHECKING:
     from surgeon.planning.site import Site
@@ -125,15 +125,11 @@ class Shira(AdditiveMerge):
         indices = random_indices(n_out, n_in, site.r, site.option("random_seed"))
         count = site.r * (n_in + n_out)
         values = torch.zeros(count) if site.option("init_weights", True) else torch.randn(count)
-        dtype = weight.dtype if weight.dtype.is_floating_point else None
-        layer.shira_weight[site.adapter] = nn.Parameter(values.to(weight.device, dtype))
+        layer.shira_weight[site.adapter] = base_parameter(values, weight)
         layer.shira_indices[site.adapter] = indices.to(weight.device)
 
     def remove(self, layer: LayerView, adapter: str) -> None:
-        for name, _ in self.containers:
-            table = layer._modules[name]
-            if adapter in table:
-                del table[adapter]
+        remove_entries(layer, self.containers, adapter)
 
     def num_params(self, base: nn.Module, site: Site) -> int:
         return site.r * sum(in_out_features(base, site.kind))

@@ -30,7 +30,7 @@ from torch import fx, nn
 
 from surgeon.errors import UserError
 from surgeon.runtime.base_kinds import in_out_features, main_weight
-from surgeon.runtime.method import AdditiveMerge
+from surgeon.runtime.method import AdditiveMerge, base_parameter, remove_entries
 from surgeon.runtime.quantized import quant_of
 
 if TYPE_CHECKING:
@@ -100,16 +100,12 @@ class VBLoRA(AdditiveMerge):
         logits_a = torch.zeros(site.r, n_in // length, vectors).normal_(0, std)
         logits_b = torch.zeros(n_out // length, site.r, vectors).normal_(0, std)
         weight = main_weight(layer.base_layer, site.kind)
-        dtype = weight.dtype if weight.dtype.is_floating_point else None
-        layer.vblora_logits_A[site.adapter] = nn.Parameter(logits_a.to(weight.device, dtype))
-        layer.vblora_logits_B[site.adapter] = nn.Parameter(logits_b.to(weight.device, dtype))
+        layer.vblora_logits_A[site.adapter] = base_parameter(logits_a, weight)
+        layer.vblora_logits_B[site.adapter] = base_parameter(logits_b, weight)
 
     def remove(self, layer: LayerView, adapter: str) -> None:
         # the shared bank goes too, as PEFT's delete_adapter (adapter_layer_names)
-        for name, _ in self.containers:
-            table = layer._modules[name]
-            if adapter in table:
-                del table[adapter]
+        remove_entries(layer, self.containers, adapter)
 
     def num_params(self, base: nn.Module, site: Site) -> int:
         n_in, n_out = in_out_features(base, site.kind)

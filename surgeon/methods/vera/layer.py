@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from surgeon.errors import UserError
 from surgeon.runtime.base_kinds import in_out_features, main_weight
-from surgeon.runtime.method import AdditiveMerge
+from surgeon.runtime.method import AdditiveMerge, base_parameter, remove_entries
 
 if TYPE_CHECKING:
     from surgeon.planning.site import Site
@@ -152,16 +152,12 @@ class Vera(AdditiveMerge):
             lambda_d.fill_(float(site.option("d_initial", 0.1)))
             lambda_b.zero_()
         weight = main_weight(layer.base_layer, site.kind)
-        dtype = weight.dtype if weight.dtype.is_floating_point else None
-        layer.vera_lambda_b[site.adapter] = nn.Parameter(lambda_b.to(weight.device, dtype))
-        layer.vera_lambda_d[site.adapter] = nn.Parameter(lambda_d.to(weight.device, dtype))
+        layer.vera_lambda_b[site.adapter] = base_parameter(lambda_b, weight)
+        layer.vera_lambda_d[site.adapter] = base_parameter(lambda_d, weight)
 
     def remove(self, layer: LayerView, adapter: str) -> None:
         # the shared entries go too, as PEFT's delete_adapter (other_param_names)
-        for name, _ in self.containers:
-            table = layer._modules[name]
-            if adapter in table:
-                del table[adapter]
+        remove_entries(layer, self.containers, adapter)
 
     def num_params(self, base: nn.Module, site: Site) -> int:
         return in_out_features(base, site.kind)[1] + site.r

@@ -32,7 +32,7 @@ from torch import fx, nn
 from surgeon.errors import UserError
 from surgeon.methods.waveft.wavelets import waverec2d
 from surgeon.runtime.base_kinds import in_out_features, main_weight
-from surgeon.runtime.method import AdditiveMerge
+from surgeon.runtime.method import AdditiveMerge, base_parameter, remove_entries
 
 if TYPE_CHECKING:
     from surgeon.planning.site import Site
@@ -160,14 +160,10 @@ class Waveft(AdditiveMerge):
         weight = main_weight(layer.base_layer, site.kind)
         layer.waveft_indices[site.adapter] = torch.stack([flat // n_in, flat % n_in]).to(weight.device)
         spectrum = torch.zeros(n) if site.option("init_weights", True) else torch.randn(n) * 0.01
-        dtype = weight.dtype if weight.dtype.is_floating_point else None
-        layer.waveft_spectrum[site.adapter] = nn.Parameter(spectrum.to(weight.device, dtype))
+        layer.waveft_spectrum[site.adapter] = base_parameter(spectrum, weight)
 
     def remove(self, layer: LayerView, adapter: str) -> None:
-        for name, _ in self.containers:
-            table = layer._modules[name]
-            if adapter in table:
-                del table[adapter]
+        remove_entries(layer, self.containers, adapter)
 
     def num_params(self, base: nn.Module, site: Site) -> int:
         n_in, n_out = in_out_features(base, site.kind)
