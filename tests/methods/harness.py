@@ -161,7 +161,9 @@ def check_training(case: ModelCase, config, prefixes: tuple[str, ...], steps: in
         randomize(pm, prefixes, scale=0.2)
         ours = copy.deepcopy(base)
         S.apply(spec_of(config), ours)
-        ours.load_state_dict({k.removeprefix("base_model.model."): v for k, v in pm.state_dict().items()})
+        # layer tensors only: PEFT lists shared ones (VeRA's projections) at model level too
+        ours.load_state_dict({k.removeprefix("base_model.model."): v for k, v in pm.state_dict().items()
+                              if k.startswith("base_model.model.")})
         pm.train(), ours.train()
         mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
         theirs = {n.removeprefix("base_model.model."): p for n, p in pm.named_parameters() if p.requires_grad}

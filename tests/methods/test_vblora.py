@@ -31,6 +31,7 @@ from tests.methods.harness import (
     check_classic_placement,
     check_roundtrip,
     check_switching,
+    check_training,
     diff,
     output,
     quiet,
@@ -103,33 +104,7 @@ def test_initialisation_matches_peft_and_bank_is_one_parameter(case: str, tmp_pa
 @pytest.mark.parametrize("case", ["mlp", "llama"])
 def test_training_steps_match_peft(case: str):
     """Seeded SGD steps with dropout: PEFT's losses, logits and bank after each step."""
-    ctx = quiet()
-    try:
-        model_case, config = CASES[case], vblora(case, vblora_dropout=0.3, vector_length=2)
-        base = model_case.build()
-        pm = get_peft_model(copy.deepcopy(base), config)
-        randomize(pm, TRAINED, scale=0.2)
-        ours = copy.deepcopy(base)
-        S.apply(spec_of(config), ours)
-        ours.load_state_dict(_layer_state(pm))
-        pm.train(), ours.train()
-        mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
-        theirs = {n.removeprefix("base_model.model."): p for n, p in pm.named_parameters() if p.requires_grad}
-        assert sorted(mine) == sorted(theirs) and any("vector_bank" in n for n in mine)
-        opts = [torch.optim.SGD(list(m.values()), lr=0.05) for m in (mine, theirs)]
-        for step in range(3):
-            losses = []
-            for model, opt in zip((ours, pm), opts):
-                torch.manual_seed(100 + step)
-                loss = model_case.output(model).pow(2).mean()
-                loss.backward()
-                losses.append(loss.detach())
-                opt.step(), opt.zero_grad()
-            torch.testing.assert_close(*losses, rtol=1e-5, atol=1e-5)
-            for n, p in mine.items():
-                assert diff(p, theirs[n]) <= 1e-5, n
-    finally:
-        ctx.__exit__(None, None, None)
+    check_training(CASES[case], vblora(case, vblora_dropout=0.3, vector_length=2), TRAINED)
 
 
 def test_topk_checkpoints_are_peft_and_serve_inference(tmp_path: Path):

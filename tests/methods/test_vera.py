@@ -26,6 +26,7 @@ from tests.methods.harness import (
     check_classic_placement,
     check_roundtrip,
     check_switching,
+    check_training,
     diff,
     output,
     quiet,
@@ -106,34 +107,7 @@ def test_initialisation_matches_peft_and_projections_are_one_tensor(case: str, i
 @pytest.mark.parametrize("case", ["mlp", "llama"])
 def test_training_steps_match_peft(case: str):
     """Seeded SGD steps with dropout: PEFT's losses, gradients and updated lambdas."""
-    ctx = quiet()
-    try:
-        model_case, config = CASES[case], vera(case, vera_dropout=0.3, init_weights=False)
-        base = model_case.build()
-        pm = get_peft_model(copy.deepcopy(base), config)
-        ours = copy.deepcopy(base)
-        S.apply(spec_of(config), ours)
-        # PEFT's state_dict also lists the shared pair at model level (`base_model.vera_A`)
-        ours.load_state_dict({k.removeprefix("base_model.model."): v for k, v in pm.state_dict().items()
-                              if k.startswith("base_model.model.")})
-        pm.train(), ours.train()
-        mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
-        theirs = {n.removeprefix("base_model.model."): p for n, p in pm.named_parameters() if p.requires_grad}
-        assert sorted(mine) == sorted(theirs) and all("vera_lambda_" in n for n in mine)
-        opts = [torch.optim.SGD(list(m.values()), lr=0.05) for m in (mine, theirs)]
-        for step in range(3):
-            losses = []
-            for model, opt in zip((ours, pm), opts):
-                torch.manual_seed(100 + step)
-                loss = model_case.output(model).pow(2).mean()
-                loss.backward()
-                losses.append(loss.detach())
-                opt.step(), opt.zero_grad()
-            torch.testing.assert_close(*losses, rtol=1e-5, atol=1e-5)
-        for n, p in mine.items():
-            assert diff(p, theirs[n]) <= 1e-5, n
-    finally:
-        ctx.__exit__(None, None, None)
+    check_training(CASES[case], vera(case, vera_dropout=0.3, init_weights=False), LAMBDAS)
 
 
 def test_two_adapters_switch_as_peft(tmp_path: Path):
