@@ -20,7 +20,6 @@ takes the norms of their packed integer weights and fails).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,6 +29,7 @@ from torch import fx, nn
 from surgeon.errors import UserError
 from surgeon.lang.matching import full_matches
 from surgeon.lang.values import Table
+from surgeon.runtime.buffers import BufferDict
 from surgeon.runtime.method import AdditiveMerge, base_parameter, remove_entries
 from surgeon.runtime.quantized import quant_of
 
@@ -56,24 +56,11 @@ def _check_float(base: nn.Module, site: Site) -> None:
             "norms, which a quantised weight does not give (PEFT 0.21 fails on it); exclude it.")
 
 
-class Norms(nn.Module):
+class Norms(BufferDict):
     """One persistent buffer per adapter (PEFT's `BufferDict(persistent=True)`), so state_dict
     and checkpoint keys are `delora_w_norm.<adapter>` as PEFT's."""
 
-    def __contains__(self, adapter: str) -> bool:
-        return adapter in self._buffers
-
-    def __getitem__(self, adapter: str) -> torch.Tensor:
-        return self._buffers[adapter]
-
-    def __setitem__(self, adapter: str, tensor: torch.Tensor) -> None:
-        self.register_buffer(adapter, tensor)
-
-    def __delitem__(self, adapter: str) -> None:
-        del self._buffers[adapter]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._buffers)
+    persistent = True
 
 
 def initial_lambda(site: Site) -> float:

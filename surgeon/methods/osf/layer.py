@@ -28,7 +28,6 @@ need an unmerge). Mixed-adapter batches are refused, as PEFT's OSF layers take n
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from surgeon.errors import UserError
+from surgeon.runtime.buffers import BufferDict
 from surgeon.runtime.method import AdditiveMerge, remove_entries
 
 if TYPE_CHECKING:
@@ -49,28 +49,9 @@ class OsfError(UserError, ValueError):
     """What PEFT's OSF refuses too: unmerging, mixed-adapter batches, non-float weights."""
 
 
-class Frozen(nn.Module):
+class Frozen(BufferDict):
     """One non-persistent buffer per adapter (PEFT's BufferDict): out of the state_dict and the
     checkpoint, moved and cast with the model."""
-
-    def __contains__(self, adapter: str) -> bool:
-        return adapter in self._buffers
-
-    def __getitem__(self, adapter: str) -> torch.Tensor:
-        return self._buffers[adapter]
-
-    def __setitem__(self, adapter: str, tensor: torch.Tensor) -> None:
-        self.register_buffer(adapter, tensor, persistent=False)
-
-    def __delitem__(self, adapter: str) -> None:
-        del self._buffers[adapter]
-        self._non_persistent_buffers_set.discard(adapter)
-
-    def __len__(self) -> int:
-        return len(self._buffers)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._buffers)
 
 
 def resolve_rank(value, min_dim: int) -> int:

@@ -27,7 +27,6 @@ one-matmul training step is out of reach without a branch kind that replaces the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,6 +35,7 @@ from torch import fx, nn
 from surgeon.errors import UserError
 from surgeon.runtime import quantized
 from surgeon.runtime.base_kinds import in_out_features
+from surgeon.runtime.buffers import BufferDict
 from surgeon.runtime.method import AdditiveMerge, base_parameter, remove_entries
 
 if TYPE_CHECKING:
@@ -47,28 +47,9 @@ class ShiraError(UserError, ValueError):
     """A SHiRA adapter PEFT cannot build (too many entries), or mixed-adapter batches."""
 
 
-class Indices(nn.Module):
+class Indices(BufferDict):
     """One non-persistent buffer per adapter (PEFT's plain `shira_indices` dict): out of
     `state_dict()` as in PEFT, moved with the layer, saved through `checkpoint_buffers`."""
-
-    def __contains__(self, adapter: str) -> bool:
-        return adapter in self._buffers
-
-    def __getitem__(self, adapter: str) -> torch.Tensor:
-        return self._buffers[adapter]
-
-    def __setitem__(self, adapter: str, tensor: torch.Tensor) -> None:
-        self.register_buffer(adapter, tensor, persistent=False)
-
-    def __delitem__(self, adapter: str) -> None:
-        del self._buffers[adapter]
-        self._non_persistent_buffers_set.discard(adapter)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._buffers)
-
-    def __len__(self) -> int:
-        return len(self._buffers)
 
 
 def random_indices(n_out: int, n_in: int, r: int, seed: int | None) -> torch.Tensor:

@@ -17,7 +17,7 @@ matmuls; merging adds `(lambda_b B) @ (lambda_d A)`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from surgeon.errors import UserError
 from surgeon.runtime.base_kinds import in_out_features, main_weight
+from surgeon.runtime.buffers import BufferDict
 from surgeon.runtime.method import AdditiveMerge, base_parameter, remove_entries
 
 if TYPE_CHECKING:
@@ -40,32 +41,11 @@ class VeraError(UserError, ValueError):
     existing ones, or mixed-adapter batches."""
 
 
-class Projections(nn.Module):
+class Projections(BufferDict):
     """One buffer per adapter (PEFT's BufferDict): persistent only when the projections are
     saved, so `state_dict()` holds them exactly when PEFT's does."""
 
-    def __init__(self, persistent: bool = True) -> None:
-        super().__init__()
-        self.persistent = persistent
-
-    def __contains__(self, adapter: str) -> bool:
-        return adapter in self._buffers
-
-    def __getitem__(self, adapter: str) -> torch.Tensor:
-        return self._buffers[adapter]
-
-    def __setitem__(self, adapter: str, tensor: torch.Tensor) -> None:
-        self.register_buffer(adapter, tensor, persistent=self.persistent)
-
-    def __delitem__(self, adapter: str) -> None:
-        del self._buffers[adapter]
-        self._non_persistent_buffers_set.discard(adapter)
-
-    def __len__(self) -> int:
-        return len(self._buffers)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._buffers)
+    persistent = True
 
     def copy(self, persistent: bool) -> Projections:
         """A new container holding the same tensors (not copies)."""

@@ -22,7 +22,6 @@ matmul (PEFT: one per adapter, the same sum). Merging adds `dW` (transposed for 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +31,7 @@ from torch import fx, nn
 from surgeon.errors import UserError
 from surgeon.methods.waveft.wavelets import waverec2d
 from surgeon.runtime.base_kinds import in_out_features, main_weight
+from surgeon.runtime.buffers import BufferDict
 from surgeon.runtime.method import AdditiveMerge, base_parameter, remove_entries
 
 if TYPE_CHECKING:
@@ -45,24 +45,8 @@ class WaveftError(UserError, ValueError):
     """What PEFT's WaveFT refuses too: n_frequency out of range, mixed-adapter batches."""
 
 
-class Indices(nn.Module):
+class Indices(BufferDict):
     """One non-persistent index buffer per adapter (PEFT keeps them in a plain dict)."""
-
-    def __contains__(self, adapter: str) -> bool:
-        return adapter in self._buffers
-
-    def __getitem__(self, adapter: str) -> torch.Tensor:
-        return self._buffers[adapter]
-
-    def __setitem__(self, adapter: str, tensor: torch.Tensor) -> None:
-        self.register_buffer(adapter, tensor, persistent=False)
-
-    def __delitem__(self, adapter: str) -> None:
-        del self._buffers[adapter]
-        self._non_persistent_buffers_set.discard(adapter)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._buffers)
 
 
 def reduction(family: str) -> int:
