@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from functools import cached_property
 from typing import Any
 
 from torch import nn
@@ -38,10 +37,10 @@ from surgeon.lang.spec import (
     Selection,
     Spec,
     Target,
-    Tokens,
 )
-from surgeon.layer_kinds import input_embedding, kind_of, whole_kind_of
+from surgeon.layer_kinds import kind_of, whole_kind_of
 from surgeon.planning import liveness, parameters
+from surgeon.planning.extras import SavedAndTokens
 from surgeon.planning.plans import AdapterPlan, Plan, Unmatched
 from surgeon.planning.select import (
     PlanError,
@@ -49,6 +48,7 @@ from surgeon.planning.select import (
     closest,
     closest_paths,
     describe,
+    did_you_mean,
     never_runs,
     unsupported,
 )
@@ -101,7 +101,7 @@ def _location(node) -> str:
     return "" if node.span == NO_SPAN else node.span.location()
 
 
-class _Planner:
+class _Planner(SavedAndTokens):
     """Plans adapters one by one over a shared Resolver, collecting warnings."""
 
     def __init__(self, resolver: Resolver, source: str):
@@ -210,7 +210,7 @@ class _Planner:
         if within is not None and within not in sel.modules:
             near = closest_paths(within, sel)
             return self.error(f"`within {within}`: the model has no module at this path",
-                              rule, hint=_did_you_mean(near))
+                              rule, hint=did_you_mean(near))
         loose = Selection(rule.selection.include)
         if rule.selection.include and sel.select(loose, task_type=task_type):
             return self.error(f"`{text}` matches modules, but none inside its restrictions "
@@ -218,7 +218,7 @@ class _Planner:
         near = [n for a in rule.selection.include for n in closest(a, sel)]
         what = "parameter" if any(isinstance(a, Param) for a in rule.selection.include) else "module"
         return self.error(f"`{text}` matches no {what} of `{type(sel.model).__name__}`", rule,
-                          hint=_did_you_mean(list(dict.fromkeys(near))))
+                          hint=did_you_mean(list(dict.fromkeys(near))))
 
     def note_dead_atoms(self, adapter: Adapter, rule: Target, task_type) -> None:
         atoms = rule.selection.include
@@ -323,101 +323,6 @@ class _Planner:
                     best[p] = (key, rule.value)
         return {p: value for p, (_, value) in best.items()}
 
-    def save(self, adapter: Adapter) -> tuple[str, ...]:
-        """modules_to_save resolved as PEFT's `_set_trainable` does (plain `endswith`)."""
-        found: list[str] = []
-        for rule in adapter.rules_of(Save):
-            hits = self.save_paths(rule.names)
-            if not hits:
-                self.note(adapter, rule, "save")
-            for p in hits:  # PEFT's ModulesToSaveWrapper refuses containers without a forward
-                module = self.resolver.model.get_submodule(p)
-                if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
-                    raise self.error(f"`save` cannot keep `{p}` ({type(module).__name__}): it has no "
-                                     "forward of its own; save the modules inside it", rule)
-            found += hits
-        found = list(dict.fromkeys(found))
-        if nested := next(((o, i) for o in found for i in found if i.startswith(o + ".")), None):
-            raise self.error(f"`save` selects `{nested[0]}` and `{nested[1]}` inside it: PEFT then "
-                             "wraps the inner one again inside the saved copy and the original, a "
-                             "layout surgeon does not reproduce", adapter.rules_of(Save)[0],
-                             hint="give `save` names that select only one of them")
-        return tuple(found)
-
-    def save_paths(self, names: tuple[str, ...]) -> list[str]:
-        """Paths PEFT wraps for modules_to_save `names`: every path (shared modules under each of
-        their names) ending with one of them, as plain strings. A task head the model lacks
-        (`score` on BERT) matches nothing, silently, as in PEFT."""
-        return [p for p in self.all_paths if any(p.endswith(n) for n in names)]
-
-    def check_saved(self, adapter: Adapter, sites: tuple[Site, ...], save: tuple[str, ...]) -> None:
-        """A saved module must not be, nor contain, an adapted one. PEFT raises for the former
-        and silently copies adapter layers into the saved copy for the latter (reachable when a
-        `save` name is a plain suffix like `lp` of `mlp`, or through a module shared by two paths).
-        """
-        model = self.resolver.model
-        adapted = {id(self.resolver.modules[s.path]): s.path for s in sites}
-        for path in save:
-            inside = next((adapted[id(m)] for m in model.get_submodule(path).modules()
-                           if id(m) in adapted), None)
-            if inside is not None:
-                what = "is" if inside == path else f"contains `{inside}`, which is"
-                raise self.error(
-                    f"saved module `{path}` {what} also adapted: `save` names match by plain suffix "
-                    "(as PEFT's modules_to_save), targets by whole segments",
-                    adapter.rules_of(Save)[0], hint="give `save` a longer name or exclude those targets")
-
-    def tokens(self, adapter: Adapter) -> tuple[tuple[str, tuple[int, ...]], ...]:
-        out = []
-        for rule in adapter.rules_of(Tokens):
-            name = rule.module or self.input_embedding()
-            hits = [p for p in self.all_paths if p.endswith(name)]
-            if not hits:
-                raise self.error(f"`tokens {name}`: no module of the model ends with `{name}`", rule,
-                                 hint=_did_you_mean(closest_paths(name, self.resolver)))
-            for p in hits:
-                module = self.resolver.model.get_submodule(p)
-                if kind_of(module) != "Embedding":
-                    raise self.error(f"`tokens` needs an Embedding, `{p}` is not one", rule)
-                if bad := [i for i in rule.indices if not -module.num_embeddings <= i < module.num_embeddings]:
-                    raise self.error(f"token index {bad[0]} is outside `{p}`'s vocabulary of "
-                                     f"{module.num_embeddings:,} rows", rule)
-                out.append((p, tuple(rule.indices)))
-        return tuple(out)
-
-    @cached_property
-    def all_paths(self) -> list[str]:
-        """Every path including repeats of shared modules, as PEFT's `_set_trainable` sees them."""
-        return [p for p, _ in self.resolver.model.named_modules(remove_duplicate=False) if p]
-
-    def input_embedding(self) -> str:
-        model = self.resolver.model
-        emb = input_embedding(model)
-        if emb is None:
-            return "embed_tokens"
-        return next((p for p, m in model.named_modules() if m is emb), "embed_tokens")
-
-    def extra_params(self, adapter: Adapter, sites, save, tokens) -> int:
-        """Trainable parameters outside the sites: saved copies, token rows, trainable biases."""
-        model = self.resolver.model
-        # a module reachable under two paths is wrapped once: count each copy once (a saved
-        # module inside another is refused by `save`)
-        outer = {id(m): m for m in (model.get_submodule(p) for p in save if not _inside(p, save))}
-        total = sum(_numel(m) for m in outer.values())
-        total += sum(len(ix) * model.get_submodule(p).weight.shape[-1] for p, ix in tokens)
-        # trainable tensors shared by the sites (VB-LoRA's vector bank), the runtime's optional
-        # `shared_params(sites)` (surgeon.runtime.method)
-        shared = getattr(methods.runtime_of(adapter.method), "shared_params", None) if sites else None
-        total += shared(sites) if shared is not None else 0
-        bias = adapter.option("bias", "none")
-        if bias == "all":  # PEFT: every parameter named `bias`, except a saved module's frozen original
-            total += sum(p.numel() for n, p in model.named_parameters()
-                         if n.rpartition(".")[2] == "bias" and not _inside(n, save))
-        elif bias.endswith("_only"):  # lora_only, vera_only, oft_only, ...
-            own = (dict(self.resolver.modules[s.path].named_parameters(recurse=False)) for s in sites)
-            total += sum(params["bias"].numel() for params in own if "bias" in params)
-        return total
-
 
 def _with_heads(adapter: Adapter, heads: tuple[str, ...]) -> Adapter:
     """`adapter` with a `save` rule for the task-head names its rules lack: PEFT appends them to
@@ -433,19 +338,11 @@ def _under_saved(path: str, names: tuple[str, ...]) -> bool:
                for n in names)
 
 
-def _inside(name: str, roots: tuple[str, ...]) -> bool:
-    return any(name.startswith(r + ".") for r in roots)
-
-
 def _module_problem(runtime, module: nn.Module, site: Site) -> str | None:
     """Why the method cannot adapt this very module (its sizes: GraLoRA's k must divide
     them), from the runtime's optional `module_problem` (`surgeon.runtime.method`)."""
     check = getattr(runtime, "module_problem", None)
     return None if check is None else check(module, site)
-
-
-def _numel(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _default_selection(method: str, model: nn.Module) -> Selection:
@@ -458,10 +355,6 @@ def _default_selection(method: str, model: nn.Module) -> Selection:
     if names is not None:
         return Selection(tuple(Name(n) for n in names))
     return Selection(tuple(RoleRef(role) for role in config.default_targets))
-
-
-def _did_you_mean(names: list[str]) -> str:
-    return "did you mean " + ", ".join(f"`{n}`" for n in names) + "?" if names else ""
 
 
 def _restrictions(selection: Selection, resolver: Resolver) -> str:

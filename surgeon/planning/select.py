@@ -370,3 +370,8 @@ def closest(atom: Atom, resolver: Resolver, n: int = 3) -> list[str]:
 
 def closest_paths(path: str, resolver: Resolver, n: int = 3) -> list[str]:
     return difflib.get_close_matches(path, resolver.paths, n=n, cutoff=0.5)
+
+
+def did_you_mean(names: list[str]) -> str:
+    """A hint naming the closest candidates, or nothing when there are none."""
+    return "did you mean " + ", ".join(f"`{n}`" for n in names) + "?" if names else ""
