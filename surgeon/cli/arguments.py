@@ -47,6 +47,13 @@ def load_spec_arg(path: str):
     return load_spec(_existing_file(path, "spec"))
 
 
+def check_spec_arg(path: str):
+    """`(spec, text, warnings)` of the .peft file `path` (`surgeon check` shows the warnings)."""
+    from surgeon.lang.parser import check_file
+
+    return check_file(_existing_file(path, "spec"))
+
+
 def add_model_arguments(cmd: argparse.ArgumentParser, *, required: bool = True) -> None:
     """`--model MODEL` and the repeatable `--input SHAPE[:DTYPE]` it may need."""
     what = ("a local transformers directory, a Hub id, `minilm`, `tiny:MODEL_TYPE` (a tiny random "

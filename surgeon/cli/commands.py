@@ -15,6 +15,7 @@ from surgeon.cli.arguments import (
     Command,
     UsageError,
     add_model_arguments,
+    check_spec_arg,
     load_model_arg,
     load_spec_arg,
     print_json,
@@ -33,17 +34,19 @@ def _check_arguments(cmd: argparse.ArgumentParser) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     """Every file is checked; all diagnostics are shown before the exit code says any failed."""
-    from surgeon.lang import SpecError
+    from surgeon.lang import SpecError, render
 
     failed = 0
     for name in args.files:
         try:
-            spec = load_spec_arg(name)
+            spec, text, warnings = check_spec_arg(name)
         except (SpecError, UsageError) as error:
             prefix = "surgeon: error: " if isinstance(error, UsageError) else ""
             print(prefix + str(error).rstrip("\n"), file=sys.stderr)
             failed += 1
             continue
+        if warnings:
+            print(render(warnings, text), file=sys.stderr)
         for adapter in spec.adapters:
             print(f"{Path(name).name}: {adapter_summary(adapter)}")
     if failed:

@@ -39,6 +39,7 @@ def check_options(
     )
     _check_required(method, found, diags)
     _check_combinations(method, found, diags)
+    _check_applicable(method, found, diags)
     return options
 
 
@@ -93,6 +94,21 @@ def _check_combinations(method: Located[str], found: dict[str, RawOption], diags
     for problem in config.check(values, frozenset(found)):
         diags.append((warning if problem.warning else error)(
             _span_of(problem, found, method), problem.message, hint=problem.hint))
+
+
+def _check_applicable(method: Located[str], found: dict[str, RawOption], diags: list[Diagnostic]) -> None:
+    """Options that convert to a PEFT config but that `plan` and `apply` refuse (a variant surgeon
+    does not implement, or one a Site cannot express yet): warned here, so `surgeon check` does not
+    pass a spec that no model can be adapted with."""
+    config = registry.config_of(method.value)
+    for name in config.unplanned + config.unimplemented:
+        option = found.get(name)
+        if option is None or not option.value.value:  # PEFT's defaults are false, null or empty
+            continue
+        what = ("is converted to PEFT's config but not planned or applied yet" if name in config.unplanned
+                else f"selects a PEFT variant of {method.value} that surgeon does not implement")
+        diags.append(warning(option.key.span, f"the option '{option.key.value}' {what}",
+                             hint="`surgeon plan` and `surgeon apply` refuse it; remove it to adapt a model"))
 
 
 def _span_of(problem, found: dict[str, RawOption], method: Located[str]):

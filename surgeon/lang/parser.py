@@ -124,15 +124,29 @@ class SpecFileError(UserError, ValueError):
 
 
 def _load_file(path: Path) -> Spec:
+    return parse(read_spec_file(path), file=str(path))
+
+
+def check_file(path: Path) -> tuple[Spec, str, tuple[Diagnostic, ...]]:
+    """The checked Spec of a `.peft` file, its text and its warnings (`surgeon check` shows
+    them; `load_spec` drops them). Raises SpecError when the file has errors."""
+    text = read_spec_file(path)
+    spec, diags = diagnose(text, str(path))
+    if spec is None:
+        raise SpecError(diags, text)
+    return spec, text, diags
+
+
+def read_spec_file(path: Path) -> str:
+    """A spec file's text; a located SpecError at the first byte that is not UTF-8."""
     data = _read_bounded(path)
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         text = data.decode("utf-8", errors="replace")
         at = len(data[: e.start].decode("utf-8", errors="replace"))
         message = f"this file is not valid UTF-8 (byte 0x{data[e.start]:02x})"
         raise SpecError([error(span_at(str(path), text, at, at + 1), message)], text) from None
-    return parse(text, file=str(path))
 
 
 def _read_bounded(path: Path) -> bytes:

@@ -61,6 +61,18 @@ def test_check_summarises_valid_files_and_renders_diagnostics(tmp_path: Path):
     assert "names.peft: adapter 'default'" in bad.out, bad  # the good file is still summarised
 
 
+def test_check_shows_warnings_for_options_plan_and_apply_refuse(tmp_path: Path):
+    """A spec `plan`/`apply` would refuse (a PEFT variant surgeon lacks) passes `check` with a
+    located warning, not silently; the planner refuses the same option at the same column."""
+    (tmp_path / "qalora.peft").write_text("adapter a = lora(r=8, use_qalora=true) { target q_proj }\n")
+    checked = surgeon("check", "qalora.peft", cwd=tmp_path)
+    assert checked.rc == 0, checked
+    assert "qalora.peft:1:23: warning: the option 'use_qalora'" in checked.err, checked
+    assert "^^^^^^^^^^" in checked.err and "refuse it" in checked.err, checked
+    planned = surgeon("plan", "qalora.peft", "--model", "tiny:llama", cwd=tmp_path)
+    assert planned.rc == 2 and "qalora.peft:1:23" in planned.err, planned
+
+
 def test_convert_spec_to_peft_configs_and_back(tmp_path: Path):
     from peft import IA3Config, LoraConfig
 
