@@ -219,7 +219,7 @@ def measure_merge(models: dict, base, shape: Shape, device, timing: Timing) -> d
         after = base_weights(models[side])
         errors = ((after[n] - w).abs().max().item() for n, w in before[side].items())
         out["roundtrip_max_abs"][side] = max(errors)
-    for _ in range(timing.repeats // 2):
+    for _ in range(timing.repeats * 3):  # a few ms each: enough pairs for a stable median
         for side, (merge, unmerge) in fns.items():
             merge_s[side].append(clock(merge, device))
             unmerge_s[side].append(clock(unmerge, device))

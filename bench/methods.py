@@ -17,6 +17,14 @@ net. It prints, per case, seconds per call and ratios: surgeon / peft (below 1: 
 faster), and each side's training step over its own LoRA's (PEFT's LyCORIS paper figures are
 LoHa +48%, LoKr +37% training time over LoRA). One JSON line at the end. Tests never assert
 timings.
+
+    python bench/methods.py --paired --only "lora r8" "dora r8" "loha r8" "lokr r8"
+    python bench/methods.py --paired --hidden 1024 --only ...   # a wider llama
+
+`--paired` measures each case's training step in the same rounds as its model's LoRA step, per
+side, and reports the median of the per-round ratios (train/LoRA); on a CPU with one thread it
+times the thread's CPU time, so a shared machine's preemption does not count. Without it the
+train/LoRA columns divide medians taken at different times (noisy on a shared machine).
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +44,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Timing, interleaved
+from harness import Timing, clock, interleaved
 
 SIDES = ("surgeon", "peft")
 
@@ -103,8 +113,9 @@ class ConvNet(nn.Module):
         return self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
 
 
-def build(model: str, smoke: bool, device: torch.device) -> tuple[nn.Module, dict, dict]:
-    """The base model, a prefill batch and a training batch."""
+def build(model: str, smoke: bool, device: torch.device,
+          hidden: int = 256) -> tuple[nn.Module, dict, dict]:
+    """The base model, a prefill batch and a training batch (`hidden`: the llama's width)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if model == "convnet":
@@ -114,7 +125,7 @@ def build(model: str, smoke: bool, device: torch.device) -> tuple[nn.Module, dic
                 {"x": torch.randn(8, 3, size, size, generator=g).to(device)})
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden = 64 if smoke else 256
+    hidden = 64 if smoke else hidden
     config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, vocab_size=512)
     base = LlamaForCausalLM(config).to(device).eval()
@@ -152,8 +163,43 @@ def output(model: nn.Module, batch: dict) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
-def measure(case: Case, smoke: bool, device: torch.device, timing: Timing) -> dict[str, float]:
-    base, prefill, train_batch = build(case.model, smoke, device)
+def train_step(model: nn.Module, batch: dict):
+    """One forward, backward and AdamW step of `model` (put in train mode)."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        output(model, batch).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def paired_train(steps: dict[str, object], lora: dict[str, object], device: torch.device,
+                 timing: Timing) -> dict[str, float]:
+    """Per side, the median over rounds of the case's step time over LoRA's in the same round."""
+    cpu_time = device.type == "cpu" and torch.get_num_threads() == 1
+    fns = {**{("case", s): f for s, f in steps.items()}, **{("lora", s): f for s, f in lora.items()}}
+    for fn in fns.values():
+        for _ in range(timing.warmup):
+            fn()
+    rounds: dict[tuple, list[float]] = {k: [] for k in fns}
+    for _ in range(timing.repeats * timing.inner):
+        for key, fn in fns.items():
+            if cpu_time:
+                start = time.thread_time()
+                fn()
+                rounds[key].append(time.thread_time() - start)
+            else:
+                rounds[key].append(clock(fn, device))
+    return {f"train_over_lora_{s}": statistics.median(
+        c / r for c, r in zip(rounds[("case", s)], rounds[("lora", s)], strict=True)) for s in SIDES}
+
+
+def measure(case: Case, smoke: bool, device: torch.device, timing: Timing, hidden: int = 256,
+            paired: bool = False) -> dict[str, float]:
+    base, prefill, train_batch = build(case.model, smoke, device, hidden)
     models = pair(case, base)
     with torch.no_grad():
         a, b = (output(models[s], prefill) for s in SIDES)
@@ -163,18 +209,12 @@ def measure(case: Case, smoke: bool, device: torch.device, timing: Timing) -> di
         model.eval()
         forwards[side] = lambda m=model: torch.no_grad()(output)(m, prefill)
     result = {f"forward_{k}": v for k, v in interleaved(forwards, device, timing).items()}
-    steps = {}
-    for side, model in models.items():
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-        def step(m=model, o=opt):
-            output(m, train_batch).float().pow(2).mean().backward()
-            o.step()
-            o.zero_grad(set_to_none=True)
-
-        steps[side] = step
+    steps = {side: train_step(model, train_batch) for side, model in models.items()}
     result.update({f"train_{k}": v for k, v in interleaved(steps, device, timing).items()})
+    if paired and case.method != "lora":
+        reference = next(c for c in CASES if c.model == case.model and c.method == "lora")
+        lora = {side: train_step(model, train_batch) for side, model in pair(reference, base).items()}
+        result.update(paired_train(steps, lora, device, timing))
     result["max_abs_diff"] = error
     return result
 
@@ -185,6 +225,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--only", nargs="*", help="case names to run")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
+    parser.add_argument("--hidden", type=int, default=256, help="the llama's hidden size (256 by default)")
+    parser.add_argument("--paired", action="store_true",
+                        help="train/LoRA from the same rounds (the case's step over its LoRA's)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -195,10 +238,10 @@ def main() -> None:
     for case in CASES:
         if args.only and case.name not in args.only or not methods.applies(case.method):
             continue
-        rows[case.name] = measure(case, args.smoke, device, timing)
+        rows[case.name] = measure(case, args.smoke, device, timing, args.hidden, args.paired)
     _print(rows)
     print(json.dumps({"device": str(device), "torch": torch.__version__, "machine": platform.machine(),
-                      "rows": rows}))
+                      "hidden": args.hidden, "rows": rows}))
 
 
 def _print(rows: dict[str, dict[str, float]]) -> None:
@@ -207,7 +250,10 @@ def _print(rows: dict[str, dict[str, float]]) -> None:
     print(head)
     for name, r in rows.items():
         lora = rows.get("lora r8 conv" if "conv" in name else "lora r8")  # DoRA too: within 1.15x?
-        rel = [f"{r[f'train_{s}'] / lora[f'train_{s}']:.2f}" if lora else "-" for s in SIDES]
+        if f"train_over_lora_{SIDES[0]}" in r:  # --paired: from the same rounds
+            rel = [f"{r[f'train_over_lora_{s}']:.2f}" for s in SIDES]
+        else:
+            rel = [f"{r[f'train_{s}'] / lora[f'train_{s}']:.2f}" if lora else "-" for s in SIDES]
         print(f"{name:<18}{r['forward_surgeon'] * 1e3:>7.2f}/{r['forward_peft'] * 1e3:<8.2f}"
               f"{r['forward_surgeon'] / r['forward_peft']:>10.2f}"
               f"{r['train_surgeon'] * 1e3:>9.2f}/{r['train_peft'] * 1e3:<8.2f}"

@@ -41,6 +41,7 @@ _EXPORTS = {
     "active_adapters": "surgeon.api",
     "viz": "surgeon.pictures.picture",
     "prepare_kbit": "surgeon.runtime.quantized",
+    "compile": "surgeon.fusion",
 }
 
 __all__ = sorted(_EXPORTS)

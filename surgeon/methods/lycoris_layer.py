@@ -11,6 +11,14 @@ so a seeded training step takes the same path in both.
 A method subclasses `LycorisRuntime` with its parameter shapes, its initialisation, its full
 delta weight (PEFT's `get_delta_weight`, used to merge) and its graph function (the forward,
 which may avoid building the delta weight). PEFT runs no mixed-adapter batches for either.
+
+In training a method may instead fold its delta into the weight the base call reads
+(`F.linear(x, W + delta)`, a weight part): the forward and the input gradient then ride the
+base GEMM, and the extra cost is one weight-gradient GEMM (`tokens * in * out`), where the
+separate delta path costs three and a factored path `3 * tokens * r^2 * (in + out)` (LoHa)
+(`fold_cheaper` decides). Gradients are PEFT's to float rounding. The fold is used only on an
+inlined float32/64 base call of the adapters' dtype, and only when it cannot change the order
+of dropout draws (one adapter on the layer, or no module/rank dropout).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import torch
 from torch import fx, nn
 
 from surgeon.errors import UserError
-from surgeon.runtime.graph import META
+from surgeon.runtime.graph import META, tag
 from surgeon.runtime.method import remove_entries
 
 if TYPE_CHECKING:
@@ -77,6 +85,22 @@ def gated_result(prev: torch.Tensor, dropouts: tuple | None, n_out: int, channel
     return prev + out
 
 
+def gated_weight(weight: torch.Tensor, dropouts: tuple | None,
+                 delta: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`weight + delta()` (the delta in the weight's shape), with PEFT's module and rank dropout
+    drawn as `gated_result` draws them: the folded form of `gated_result` for the base call."""
+    if dropouts is None:
+        return weight + delta()
+    module_p, rank_p, rescale = dropouts
+    if not bool(torch.rand(1) > module_p):
+        return weight
+    out = delta()
+    if rank_p:
+        drop = rank_drop(weight.shape[0], rank_p, rescale, out.dtype, out.device)
+        out = out * drop.view(-1, *(1,) * (weight.dim() - 1))
+    return weight + out
+
+
 class LycorisRuntime:
     """The shared part of a LyCORIS method's `MethodRuntime` (see the module docstring)."""
 
@@ -100,6 +124,14 @@ class LycorisRuntime:
     def graph_call(self, layer: LayerView, adapter: str) -> tuple[Callable[..., Any], tuple]:
         """The graph function `fn(prev, x, params, static, dropouts)` and its `static` constants."""
         raise NotImplementedError
+
+    def fold_call(self, layer: LayerView, adapter: str) -> tuple[Callable[..., Any], tuple]:
+        """The weight-part function `fn(weight, params, static, dropouts)` (`weight + delta`)."""
+        raise NotImplementedError
+
+    def fold_cheaper(self, layer: LayerView, adapter: str) -> bool:
+        """Whether a training step is cheaper with the delta folded into the base call."""
+        return False
 
     # ------------------------------------------------------------------ MethodRuntime
     def add(self, layer: LayerView, site: Site) -> None:
@@ -143,9 +175,30 @@ class LycorisRuntime:
                 rescale = bool(site.option("rank_dropout_scale", False))
             dropouts = (float(site.option("module_dropout", 0.0) or 0.0),
                         float(site.option("rank_dropout", 0.0) or 0.0), rescale)
+            if rows is None and self._folds(b, adapter):
+                part = b.weight_part()
+                fold_fn, fold_static = self.fold_call(b.layer, adapter)
+                part.weight_result(part.call(fold_fn, part.x, self.params(part, adapter),
+                                             fold_static, dropouts))
+                return prev
         node = b.call(fn, prev, b.x, self.params(b, adapter), static, dropouts)
         node.meta[META]["role"] = "result"  # a function of `prev` (its args[0]), as `prev + delta`
         return node
+
+    def _folds(self, b: Builder, adapter: str) -> bool:
+        """Fold this adapter into the base call (see the module docstring)?"""
+        layer = b.layer
+        base = next(n for n in b.graph.nodes if tag(n).get("role") == "base_out")
+        weight = layer.base_layer.weight
+        if base.op != "call_function" or weight.dtype not in (torch.float32, torch.float64):
+            return False
+        if any(p.dtype != weight.dtype for p in layer.adapter_parameters(adapter)):
+            return False
+        if len(layer.sites) > 1 and any(site.option("module_dropout", 0.0) or site.option("rank_dropout", 0.0)
+                                        for site in layer.sites.values()):
+            return False  # weight parts draw before the base call, output parts after it:
+            # with several adapters the draws could come in another order than PEFT's
+        return self.fold_cheaper(layer, adapter)
 
     def delta_weight(self, layer: LayerView, adapter: str) -> torch.Tensor:
         with torch.no_grad():

@@ -21,6 +21,7 @@ newest first, and leaves `layer.merged_adapters` empty.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -78,11 +79,52 @@ def unmerged_weight(layer: MethodLayer, weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+def _low_rank(layer: MethodLayer, adapter: str, weight: torch.Tensor):
+    """`(out-major view of the weight, b, a, scaling)` when the fold is `weight +/- scaling *
+    b @ a` and may run as one in-place `addmm_`: the method gives its factors (optional part
+    `additive_factors`) in the weight's own dtype, fp32 or wider (nothing to round once), and
+    the weight is a plain tensor whose out-major form is a view of it. One kernel and no
+    weight-sized temporaries, where the general path builds the delta, scales it, adds and
+    copies back (PEFT: delta, scale, `weight.data += delta`); rounded as that (`_add_low_rank`)."""
+    factors = getattr(layer.method, "additive_factors", None)
+    if factors is None or weight.dtype != accumulation_dtype(weight) or distributed.is_dtensor(weight):
+        return None
+    view = to_out_major(weight.detach(), layer.kind)
+    if view.data_ptr() != weight.data_ptr() or quantized.quant_of(layer.base_layer) is not None:
+        return None  # a copy (a non-contiguous convolution kernel), or a packed weight
+    found = factors(layer, adapter)
+    if found is None or any(t.dtype != weight.dtype for t in found[:2]):
+        return None
+    return view, *found
+
+
+def _add_low_rank(weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scaling: float) -> None:
+    """`weight += scaling * b @ a` in place, rounded as PEFT's merge: one `addmm_` when scaling
+    by `scaling` is exact (a power of two, as `alpha = 2 r`); else the product rounded, then
+    scaled, then added (so an unmerge subtracts the very same delta)."""
+    if abs(math.frexp(scaling)[0]) == 0.5:
+        weight.addmm_(b, a, alpha=scaling)
+    elif scaling > 0:
+        weight.add_(torch.mm(b, a).mul_(scaling))
+    else:
+        weight.sub_(torch.mm(b, a).mul_(-scaling))
+
+
 def fold_adapter(layer: MethodLayer, adapter: str, safe_merge: bool) -> None:
     """Write `adapter` into the base weight (and bias) and record it as merged."""
     check_mergeable(layer)
     base, kind = layer.base_layer, layer.kind
     weight = _read(base)
+    fast = None if safe_merge else _low_rank(layer, adapter, weight)
+    if fast is not None:
+        view, b, a, scaling = fast
+        new_bias = _new_bias(layer, adapter, 1)
+        with torch.no_grad():
+            _add_low_rank(view, b, a, scaling)
+            if new_bias is not None:
+                base.bias.copy_(new_bias)
+        layer.merged_adapters.append(adapter)
+        return
     operand = distributed.fold_operand(weight.detach(), layer.adapter_parameters(adapter))
     current = to_out_major(operand, kind).to(accumulation_dtype(weight))
     merged = layer.method.fold(layer, adapter, current, unmerged_weight(layer, current))
@@ -103,6 +145,15 @@ def unfold_adapter(layer: MethodLayer, adapter: str) -> None:
     """Subtract `adapter` (the newest merged one) from the base weight and bias."""
     base, kind = layer.base_layer, layer.kind
     weight = _read(base)
+    fast = _low_rank(layer, adapter, weight)
+    if fast is not None:
+        view, b, a, scaling = fast
+        new_bias = _new_bias(layer, adapter, -1)
+        with torch.no_grad():
+            _add_low_rank(view, b, a, -scaling)
+            if new_bias is not None:
+                base.bias.copy_(new_bias)
+        return
     operand = distributed.fold_operand(weight.detach(), layer.adapter_parameters(adapter))
     current = to_out_major(operand, kind).to(accumulation_dtype(weight))
     restored = layer.method.unfold(layer, adapter, current)

@@ -188,6 +188,42 @@ def add(prev: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.add(prev, delta, alpha=alpha)
 
 
+# Outputs below this many elements (a decode step's) add as two kernels: fewer dispatches than
+# `addmm_` and its three views, and nothing large to allocate.
+_SMALL = 1 << 14
+
+
+def expand_add(prev: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """`prev + alpha * h @ weight.T` (LoRA's expand and add; `h`: `(..., r)`, `weight`: `(out, r)`)
+    as one `addmm`: no output-sized delta in between, nor its scaled gradient in the backward.
+    Under torch.compile, on a tensor subclass (a DTensor's sharding rules) or a small output
+    (`_SMALL`), the expand and `add`."""
+    if torch.compiler.is_compiling() or type(prev) is not torch.Tensor or prev.numel() < _SMALL:
+        return add(prev, torch._C._nn.linear(h, weight), alpha)
+    out = torch.addmm(prev.reshape(-1, prev.shape[-1]), h.reshape(-1, h.shape[-1]), weight.t(),
+                      alpha=alpha)
+    return out.view(prev.shape)
+
+
+def expand_add_(prev: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """`expand_add` written into `prev`, which the graph owns (a fresh base output no other node
+    reads, see `owned`): one `addmm_` and no new output-sized tensor (at prefill, allocating and
+    faulting in that tensor costs more than the adapter's GEMMs)."""
+    if torch.compiler.is_compiling() or type(prev) is not torch.Tensor or not prev.is_contiguous():
+        return expand_add(prev, h, weight, alpha)
+    if prev.numel() < _SMALL:
+        return torch.add(prev, torch._C._nn.linear(h, weight), alpha=alpha)
+    prev.view(-1, prev.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), weight.t(), alpha=alpha)
+    return prev
+
+
+def owned(b: Builder, prev: fx.Node) -> bool:
+    """Whether the tensor of `prev` is the graph's own to write into: made by an inlined base
+    `linear` or an earlier `expand_add_`, and read by no other node (only the anchor yet)."""
+    return (prev.op == "call_function" and prev.target in (torch._C._nn.linear, expand_add_)
+            and all(user is b.anchor for user in prev.users))
+
+
 def _format_target(base: str, target: str) -> str:
     """The attribute chain fx's codegen writes for `target` (see torch.fx.graph)."""
     expr = base

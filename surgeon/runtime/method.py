@@ -95,6 +95,9 @@ class MethodRuntime(Protocol):
 # Optional parts of a runtime, read with a default by `surgeon.runtime.fold` (added after the
 # protocol's first version, so runtimes written before them keep working):
 #   merges_grouped_conv: bool = False  -- its fold handles convolutions with groups > 1.
+#   additive_factors(layer, adapter) -> (b, a, scaling) | None  -- `fold` adds exactly
+#       `scaling * b @ a` (out-major `b` (out, r), `a` (r, in*k)); then a plain fp32 weight is
+#       merged in place with one `addmm_`, no weight-sized temporaries (LoRA; None for DoRA).
 #   fold_bias(layer, adapter, bias) -> Tensor | None     -- the merged base bias (given in at
 #   unfold_bias(layer, adapter, bias) -> Tensor | None      least fp32), for a merge that is
 #                                                          not `bias + bias_delta` (IA3 scales).

@@ -124,16 +124,73 @@ def test_forward_paths_agree_with_peft(path: str):
         model.load_state_dict({k.removeprefix("base_model.model."): v for k, v in pm.state_dict().items()})
         assert METHOD._mode(model[0], "default") == path.replace("conv1d", "conv")
         x = torch.randn(*shape)
-        mine, theirs = model(x), pm(x)
-        assert diff(mine, theirs) <= ATOL
-        mine.square().sum().backward()
-        theirs.square().sum().backward()
-        grads = {n.removeprefix("base_model.model."): p.grad for n, p in pm.named_parameters() if p.requires_grad}
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                assert diff(p.grad, grads[n]) <= 1e-4 * max(1.0, grads[n].abs().max().item()), n
+        for training in (False, True):  # eval: the path above; training: folded or factored
+            _check_step(model.train(training), pm.train(training), x)
         layer = pm.base_model.model[0]
         torch.testing.assert_close(model[0].delta_weight("default"), layer.get_delta_weight("default").detach())
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def _check_step(model: nn.Module, pm, x: torch.Tensor) -> None:
+    """One forward and backward: PEFT's output and gradients."""
+    for m in (model, pm):
+        m.zero_grad(set_to_none=True)
+    mine, theirs = model(x), pm(x)
+    assert diff(mine, theirs) <= ATOL
+    mine.square().sum().backward()
+    theirs.square().sum().backward()
+    grads = {n.removeprefix("base_model.model."): p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert diff(p.grad, grads[n]) <= 1e-4 * max(1.0, grads[n].abs().max().item()), n
+
+
+TRAINING_PATHS = {  # base layer, input shape, options, whether training folds the delta
+    "fold-linear": (lambda: nn.Linear(64, 96), (3, 7, 64), {"r": 4}, True),
+    "factored-linear": (lambda: nn.Linear(128, 128), (3, 7, 128), {"r": 2}, False),
+    "fold-conv": (lambda: nn.Conv2d(8, 16, 3, padding=1), (2, 8, 9, 9), {"r": 4}, True),
+    "fold-grouped-conv": (lambda: nn.Conv2d(8, 16, 3, groups=2), (2, 8, 9, 9), {"r": 2}, True),
+    # PEFT's CP backward (HadaWeightCP) builds w1's gradients from w2's factors, not the true
+    # gradient: only outputs and input gradients are compared there
+    "fold-cp-conv": (lambda: nn.Conv2d(8, 16, 3), (2, 8, 9, 9), {"r": 2, "use_effective_conv2d": True}, True),
+    "fold-dropouts": (lambda: nn.Linear(16, 24), (3, 7, 16), {"r": 2, "rank_dropout": 0.3, "module_dropout": 0.2}, True),
+}
+
+
+@pytest.mark.parametrize("path", TRAINING_PATHS)
+def test_training_paths_agree_with_peft(path: str):
+    """In training the delta is folded into the base call where that is cheaper: outputs and
+    gradients (input included) are PEFT's, seeded dropout draws included."""
+    from surgeon.runtime.graph import source_of
+
+    build, shape, options, folds = TRAINING_PATHS[path]
+    ctx = quiet()
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(build())
+        pm = get_peft_model(copy.deepcopy(model), LoHaConfig(target_modules=["0"], alpha=3, **options))
+        randomize(pm, HADA)
+        S.apply(spec_of(pm.peft_config["default"]), model)
+        model.load_state_dict({k.removeprefix("base_model.model."): v for k, v in pm.state_dict().items()})
+        model.train(), pm.train()
+        for step in range(3):
+            x = torch.randn(*shape, requires_grad=True)
+            theirs_x = x.detach().clone().requires_grad_(True)
+            torch.manual_seed(10 + step)
+            mine = model(x)
+            torch.manual_seed(10 + step)
+            theirs = pm(theirs_x)
+            assert diff(mine, theirs) <= ATOL
+            (mine.square() * mine.detach().sign()).sum().backward()
+            (theirs.square() * theirs.detach().sign()).sum().backward()
+            assert diff(x.grad, theirs_x.grad) <= 1e-4 * max(1.0, theirs_x.grad.abs().max().item())
+        grads = {n.removeprefix("base_model.model."): p.grad for n, p in pm.named_parameters() if p.requires_grad}
+        for n, p in model.named_parameters():
+            if p.requires_grad and "cp" not in path:
+                assert diff(p.grad, grads[n]) <= 1e-4 * max(1.0, grads[n].abs().max().item()), n
+        source = source_of(model[0]._forwards.by_state[model[0]._key()].run)
+        assert ("loha_weight" in source) == folds
     finally:
         ctx.__exit__(None, None, None)
 

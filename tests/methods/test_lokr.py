@@ -102,12 +102,16 @@ LAYOUTS = {  # base layer, input shape, options: every factor layout of w1 and w
     "linear-factor": (lambda: nn.Linear(24, 32), (4, 24), {"r": 2, "decompose_factor": 8}),
     "conv2d-cp": (lambda: nn.Conv2d(16, 16, 3, padding=1), (2, 16, 6, 6), {"r": 1, "use_effective_conv2d": True}),
     "conv1d-full": (lambda: nn.Conv1d(4, 8, 3, stride=2), (2, 4, 9), {"r": 4}),
+    "linear-large": (lambda: nn.Linear(1024, 1024), (2, 1024), {"r": 8}),  # training keeps kron_linear
 }
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_forward_agrees_with_peft(layout: str):
-    """The Kronecker forward gives PEFT's outputs and gradients; `delta_weight` is PEFT's."""
+    """The Kronecker forward gives PEFT's outputs and gradients, in eval and in training (where
+    the delta is folded into the base call, but for a large Linear); `delta_weight` is PEFT's."""
+    from surgeon.runtime.graph import source_of
+
     build, shape, options = LAYOUTS[layout]
     ctx = quiet()
     try:
@@ -117,15 +121,23 @@ def test_forward_agrees_with_peft(layout: str):
         randomize(pm, LOKR)
         S.apply(spec_of(pm.peft_config["default"]), model)
         model.load_state_dict({k.removeprefix("base_model.model."): v for k, v in pm.state_dict().items()})
-        x = torch.randn(*shape)
-        mine, theirs = model(x), pm(x)
-        assert diff(mine, theirs) <= ATOL
-        mine.square().sum().backward()
-        theirs.square().sum().backward()
-        grads = {n.removeprefix("base_model.model."): p.grad for n, p in pm.named_parameters() if p.requires_grad}
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                assert diff(p.grad, grads[n]) <= 1e-4 * max(1.0, grads[n].abs().max().item()), n
+        for training in (False, True):
+            model.train(training), pm.train(training)
+            x = torch.randn(*shape, requires_grad=True)
+            theirs_x = x.detach().clone().requires_grad_(True)
+            for m in (model, pm):
+                m.zero_grad(set_to_none=True)
+            mine, theirs = model(x), pm(theirs_x)
+            assert diff(mine, theirs) <= ATOL
+            mine.square().sum().backward()
+            theirs.square().sum().backward()
+            assert diff(x.grad, theirs_x.grad) <= 1e-4 * max(1.0, theirs_x.grad.abs().max().item())
+            grads = {n.removeprefix("base_model.model."): p.grad for n, p in pm.named_parameters() if p.requires_grad}
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    assert diff(p.grad, grads[n]) <= 1e-4 * max(1.0, grads[n].abs().max().item()), n
+            folded = "lokr_weight" in source_of(model[0]._forwards.by_state[model[0]._key()].run)
+            assert folded == (training and layout != "linear-large")
         layer = pm.base_model.model[0]
         torch.testing.assert_close(model[0].delta_weight("default"), layer.get_delta_weight("default").detach())
     finally:

@@ -10,6 +10,14 @@ with every column of the other (row-wise Khatri-Rao). Applied to the input it is
 matmuls (or a convolution and a 1x1 convolution), `r^2 (in + out)` multiply-adds per token
 instead of `in * out`; this layer takes that path whenever it is the cheaper one, and otherwise
 (tiny layers, CP kernels, grouped convolutions) builds the delta weight as PEFT does.
+
+Training changes the balance: the factored path costs `3 r^2 (in + out)` per position
+(forward, input gradient, factor gradients) and PEFT's separate delta GEMM three `in * out`,
+while folding the delta into the base call (`F.linear(x, W + delta)`, see
+`surgeon.methods.lycoris_layer`) costs one `in * out` weight-gradient GEMM and nothing in the
+forward. A training graph folds unless the factored path is cheaper (`Loha.fold_cheaper`); at
+r=8 on a hidden-256 llama every layer folds (the floor is then full fine-tuning's step plus the
+delta's own cost), at hidden 1024 every layer stays factored.
 """
 
 from __future__ import annotations
@@ -20,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.methods.lycoris_layer import LycorisRuntime, Shapes, conv_args, gated_result, kaiming
+from surgeon.methods.lycoris_layer import (
+    LycorisRuntime,
+    Shapes,
+    conv_args,
+    gated_result,
+    gated_weight,
+    kaiming,
+)
 
 if TYPE_CHECKING:
     from surgeon.planning.site import Site
@@ -79,6 +94,39 @@ def loha_result(prev: torch.Tensor, x: torch.Tensor, params: tuple, static: tupl
                         lambda: loha_delta(x, params, static))
 
 
+def loha_weight(weight: torch.Tensor, params: tuple, static: tuple,
+                dropouts: tuple | None) -> torch.Tensor:
+    """The weight-part function: `weight + delta`, with PEFT's dropouts (training)."""
+    w1a, w1b, w2a, w2b, t1, _ = params
+    if t1 is not None or (dropouts is not None and dropouts[1]):  # CP, or rank dropout
+        return gated_weight(weight, dropouts, lambda: hadamard_weight(params, static))
+    if dropouts is not None and not bool(torch.rand(1) > dropouts[0]):  # PEFT's module dropout
+        return weight
+    return _HadamardFold.apply(weight, w1a, w1b, w2a, w2b, static[1])
+
+
+class _HadamardFold(torch.autograd.Function):
+    """`weight + scale * (w1a @ w1b) * (w2a @ w2b)`: one pass over the weight forward (an
+    addcmul) and two backward, where autograd's mul, mul, add take three and three. The
+    backward is PEFT's `HadaWeight` backward, the scale applied to the factors' gradients."""
+
+    @staticmethod
+    def forward(ctx, weight, w1a, w1b, w2a, w2b, scale):
+        one, two = w1a @ w1b, w2a @ w2b
+        ctx.save_for_backward(w1a, w1b, w2a, w2b, one, two)
+        ctx.scale = scale
+        return torch.addcmul(weight, one.view(weight.shape), two.view(weight.shape), value=scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w1a, w1b, w2a, w2b, one, two = ctx.saved_tensors
+        grad_weight = grad if ctx.needs_input_grad[0] else None
+        flat, s = grad.reshape(one.shape), ctx.scale
+        grad_one, grad_two = flat * two, flat * one  # the scale goes on the small products
+        return (grad_weight, (grad_one @ w1b.t()).mul_(s), (w1a.t() @ grad_one).mul_(s),
+                (grad_two @ w2b.t()).mul_(s), (w2a.t() @ grad_two).mul_(s), None)
+
+
 class Loha(LycorisRuntime):
     """The `loha` method's runtime (`surgeon.runtime.method.MethodRuntime`)."""
 
@@ -121,6 +169,18 @@ class Loha(LycorisRuntime):
 
     def graph_call(self, layer: LayerView, adapter: str):
         return loha_result, self._static(layer, adapter, self._mode(layer, adapter))
+
+    def fold_call(self, layer: LayerView, adapter: str):
+        return loha_weight, self._static(layer, adapter, "weight")
+
+    def fold_cheaper(self, layer: LayerView, adapter: str) -> bool:
+        """Training: folding costs one weight-gradient GEMM (`in * out` per position); the
+        factored path `3 r^2 (in + out)`, the delta path three GEMMs."""
+        if not self._mode(layer, adapter).endswith("factored"):
+            return True
+        shape, r = layer.base_layer.weight.shape, layer.sites[adapter].r
+        n_out, n_in = shape[0], shape[1] * int(torch.Size(shape[2:]).numel())
+        return n_out * n_in <= 3 * r * r * (n_in + n_out)
 
     def _mode(self, layer: LayerView, adapter: str) -> str:
         """The cheaper forward: factored (`r^2 (in + out)` per position) or the delta weight."""

@@ -10,6 +10,11 @@ On a Linear the forward never builds the `(out, in)` delta: with `x` viewed as a
 matrix per token, `kron(w1, w2) @ vec(x) = vec(w1 @ x @ w2.T)`, two small matmuls (four when
 factored). A convolution builds PEFT's delta kernel (its size is that of the base kernel) and
 convolves once, exactly as PEFT does, including PEFT's layout for a full-rank Conv1d `w2`.
+
+In training a convolution, and a Linear where it is cheaper (`Lokr.fold_cheaper`: hidden 256,
+not 1024), folds the delta into the base call instead (`surgeon.methods.lycoris_layer`): one
+weight-gradient GEMM in place of the delta kernel's three convolutions or the Kronecker path's
+reshapes and transposes.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.methods.loha.layer import effective_cp
-from surgeon.methods.lycoris_layer import LycorisRuntime, Shapes, conv_args, gated_result, kaiming
+from surgeon.methods.lycoris_layer import (
+    LycorisRuntime,
+    Shapes,
+    conv_args,
+    gated_result,
+    gated_weight,
+    kaiming,
+)
 
 if TYPE_CHECKING:
     from surgeon.planning.site import Site
@@ -74,14 +86,20 @@ def kron_weight(params: tuple, static: tuple) -> torch.Tensor:
 
 
 def kron_linear(x: torch.Tensor, params: tuple, scale: float) -> torch.Tensor:
-    """`x @ (scale * kron(w1, w2)).T` through reshapes: `w1 @ X @ w2.T` per token."""
+    """`x @ (scale * kron(w1, w2)).T` through reshapes: `w1 @ X @ w2.T` per token.
+
+    Both products are single GEMMs over all tokens (`(tokens * c, d) @ w2.T`, then the `(c, b)`
+    blocks transposed against `w1`), not one tiny matmul per token, which is what `w1 @ X`
+    broadcast over tokens runs (about 1.2x slower in training at hidden 256)."""
     w1, w1a, w1b, w2, w2a, w2b, _ = params
-    c = w1.shape[1] if w1 is not None else w1b.shape[1]
+    w1 = w1 if w1 is not None else w1a @ w1b  # (a, c): small
+    c = w1.shape[1]
     lead = x.shape[:-1]
-    h = x.reshape(*lead, c, -1)  # (..., c, d)
-    h = F.linear(h, w2) if w2 is not None else F.linear(F.linear(h, w2b), w2a)  # (..., c, b)
-    h = w1 @ h if w1 is not None else w1a @ (w1b @ h)  # (..., a, b)
-    return h.reshape(*lead, -1) * scale
+    h = x.reshape(-1, x.shape[-1] // c)  # (tokens * c, d)
+    h = F.linear(h, w2) if w2 is not None else F.linear(F.linear(h, w2b), w2a)  # (tokens * c, b)
+    h = h.view(-1, c, h.shape[-1]).transpose(1, 2)  # (tokens, b, c)
+    h = F.linear(h, w1 * scale)  # (tokens, b, a)
+    return h.transpose(1, 2).reshape(*lead, -1)
 
 
 def lokr_delta(x: torch.Tensor, params: tuple, static: tuple) -> torch.Tensor:
@@ -101,6 +119,12 @@ def lokr_result(prev: torch.Tensor, x: torch.Tensor, params: tuple, static: tupl
     shape = static[2]
     return gated_result(prev, dropouts, shape[0], len(shape) - 2,
                         lambda: lokr_delta(x, params, static))
+
+
+def lokr_weight(weight: torch.Tensor, params: tuple, static: tuple,
+                dropouts: tuple | None) -> torch.Tensor:
+    """The weight-part function: `weight + delta`, with PEFT's dropouts (training)."""
+    return gated_weight(weight, dropouts, lambda: kron_weight(params, static))
 
 
 class Lokr(LycorisRuntime):
@@ -152,6 +176,30 @@ class Lokr(LycorisRuntime):
 
     def graph_call(self, layer: LayerView, adapter: str):
         return lokr_result, self._static(layer, adapter)
+
+    def fold_call(self, layer: LayerView, adapter: str):
+        return lokr_weight, self._static(layer, adapter)
+
+    def fold_cheaper(self, layer: LayerView, adapter: str) -> bool:
+        """Training. On a convolution the delta-kernel path costs three convolutions, the fold
+        one. On a Linear the fold costs `in * out` multiply-adds per token (the weight
+        gradient); `kron_linear` three times its products plus about eight passes over the
+        token's input and output (reshapes, transposes, the add), each pass costing about as much
+        as 20 multiply-adds on a CPU: folding wins at hidden 256 (1.15x LoRA's training step
+        against 1.2x), the Kronecker path at hidden 1024."""
+        if layer.kind != "Linear":
+            return True
+        n_out, n_in = layer.base_layer.weight.shape
+        if adapter in layer.lokr_w1:
+            a, c = layer.lokr_w1[adapter].shape
+        else:
+            a, c = layer.lokr_w1_a[adapter].shape[0], layer.lokr_w1_b[adapter].shape[1]
+        b, d = n_out // a, n_in // c
+        if adapter in layer.lokr_w2:
+            inner = c * d * b
+        else:
+            inner = c * layer.lokr_w2_b[adapter].shape[0] * (b + d)
+        return n_out * n_in <= 3 * (inner + a * c * b) + 8 * 20 * (n_in + n_out)
 
 
 METHOD = Lokr()

@@ -24,6 +24,7 @@ from surgeon import kernels
 from surgeon.methods.lora import dora as lora_dora
 from surgeon.methods.lora import mha
 from surgeon.methods.lora import param as lora_param
+from surgeon.runtime import graph
 from surgeon.runtime.base_kinds import (
     CONV_KINDS,
     conv_fn,
@@ -229,6 +230,11 @@ class Lora:
         if rows is None and _fused(b, adapter):
             return b.as_result(b.call(kernels.lora_add, prev, dropped, b.attr(f"lora_A.{adapter}.weight"),
                                       b.attr(f"lora_B.{adapter}.weight"), site.scaling))
+        expand_add = _expand_add(b, adapter, prev) if rows is None else None
+        if expand_add is not None:
+            h = b.call(torch._C._nn.linear, dropped, b.attr(f"lora_A.{adapter}.weight"))
+            return b.as_result(b.call(expand_add, prev, h, b.attr(f"lora_B.{adapter}.weight"),
+                                      site.scaling))
         delta = emit_lora(b, adapter, dropped)
         if adapter in b.layer.lora_magnitude_vector:
             return lora_dora.emit(b, adapter, delta, dropped if dropped is not x else None, prev)
@@ -265,6 +271,14 @@ class Lora:
         # `delta` is ours: the sum goes into it (bitwise `weight + delta`, one buffer fewer)
         return delta.add_(weight) if delta.dtype == weight.dtype else weight + delta
 
+    def additive_factors(self, layer: LayerView, adapter: str):
+        """`(B, A, scaling)`: `fold` adds `scaling * B @ A` (out-major), except DoRA's (None);
+        the fold step may then merge with one `addmm_` (see runtime/fold.py)."""
+        if adapter in layer.lora_magnitude_vector:
+            return None
+        b, a = factors(layer, adapter)
+        return b.detach(), a.detach(), layer.sites[adapter].scaling
+
     def unfold(self, layer: LayerView, adapter: str, weight: torch.Tensor) -> torch.Tensor:
         delta = delta_out_major(layer, adapter)
         if adapter in layer.lora_magnitude_vector:
@@ -293,6 +307,23 @@ def _fused(b: Builder, adapter: str) -> bool:
     if layer.kind not in ("Linear", "Conv1D") or adapter in layer.lora_magnitude_vector:
         return False
     return layer.lora_B[adapter].bias is None and kernels.wanted(layer.lora_A[adapter].weight.device)
+
+
+def _expand_add(b: Builder, adapter: str, prev: fx.Node):
+    """The branch's expand-and-add after the shrink (`surgeon.runtime.graph`), or None for the
+    general `emit_lora` + `add`: plain LoRA on a matrix product, no lora_bias, the adapter in the
+    base's dtype (a cast adapter's sum promotes, as PEFT's). Eval graphs write into a base output
+    they own (`expand_add_`); train graphs add out of place; eval on a base output the graph does
+    not own (a hooked base) keeps the general path."""
+    layer = b.layer
+    if layer.kind not in ("Linear", "Conv1D") or adapter in layer.lora_magnitude_vector:
+        return None
+    weight = layer.lora_B[adapter].weight
+    if layer.lora_B[adapter].bias is not None or weight.dtype != layer.base_layer.weight.dtype:
+        return None
+    if layer.training:
+        return graph.expand_add
+    return graph.expand_add_ if graph.owned(b, prev) else None
 
 
 def _cast_input(b: Builder, adapter: str, x: fx.Node) -> fx.Node:

@@ -1,0 +1,101 @@
+"""LoRA's expand and add as one `addmm` (`surgeon.runtime.graph.expand_add`), written into the
+base output in eval graphs where the graph owns it (`expand_add_`): against PEFT's layer (the
+oracle), and never into a tensor the graph does not own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from surgeon.runtime import graph
+from surgeon.runtime.adapted import AdaptedLayer
+from tests.lowering.peft_oracle import (
+    Variant,
+    add_peft_adapter,
+    copy_adapters,
+    make_base,
+    make_input,
+    max_diff,
+    pair,
+    randomise,
+)
+
+TOL = 1e-5
+VARIANTS = {"lora": Variant(), "rslora": Variant(r=4, alpha=3.0, use_rslora=True)}
+
+
+@pytest.fixture(autouse=True, params=["small", "large"])
+def size(request, monkeypatch) -> str:
+    """Run each test on both paths: the two kernels of a decode-sized output, and `addmm`."""
+    if request.param == "large":
+        monkeypatch.setattr(graph, "_SMALL", 0)
+    return request.param
+
+
+def _targets(layer: AdaptedLayer) -> list:
+    return [n.target for n in layer.graph_module.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("kind", ["Linear", "Conv1D"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_eval_writes_the_delta_into_the_base_output(kind: str, variant: str) -> None:
+    theirs, ours = pair(kind, VARIANTS[variant])
+    theirs.eval()
+    ours.eval()
+    x = make_input(kind)
+    before = x.clone()
+    assert graph.expand_add_ in _targets(ours) and torch.add not in _targets(ours)
+    with torch.no_grad():
+        assert max_diff(theirs(x), ours(x)) <= TOL
+    assert torch.equal(x, before)
+
+
+def test_two_adapters_chain_into_one_output() -> None:
+    theirs, ours = pair("Linear", Variant())
+    add_peft_adapter(theirs, Variant(r=3, alpha=5.0), "other")
+    randomise(theirs, "other", seed=3)
+    ours.add_adapter(Variant(r=3, alpha=5.0).site("Linear", "other"))
+    copy_adapters(theirs, ours)
+    theirs.set_adapter(["default", "other"])
+    ours.set_adapter(["default", "other"])
+    theirs.eval()
+    ours.eval()
+    assert _targets(ours).count(graph.expand_add_) == 2
+    x = make_input("Linear")
+    with torch.no_grad():
+        assert max_diff(theirs(x), ours(x)) <= TOL
+
+
+def test_a_base_output_the_graph_does_not_own_is_never_written() -> None:
+    """A hooked base is called as a module; what it returns (here a tensor the hook keeps) may be
+    read elsewhere, so the branch adds out of place."""
+    base = make_base("Linear")
+    kept: list[torch.Tensor] = []
+    base.register_forward_hook(lambda _m, _i, out: kept.append(out) or out)
+    layer = AdaptedLayer(base, Variant().site("Linear")).eval()
+    randomise(layer, "default")
+    assert graph.expand_add_ not in _targets(layer)
+    x = make_input("Linear")
+    with torch.no_grad():
+        out = layer(x)
+    expected = torch.nn.functional.linear(x, base.weight, base.bias)
+    assert torch.equal(kept[0], expected)  # the base output the hook kept, untouched
+    delta = 2.0 * (x @ layer.lora_A["default"].weight.T) @ layer.lora_B["default"].weight.T
+    assert max_diff(out, expected + delta) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["Linear", "Conv1D"])
+def test_training_adds_out_of_place_and_gradients_match_peft(kind: str) -> None:
+    theirs, ours = pair(kind, VARIANTS["rslora"])
+    theirs.train()
+    ours.train()
+    assert graph.expand_add in _targets(ours) and graph.expand_add_ not in _targets(ours)
+    x = make_input(kind).requires_grad_(True)
+    x_theirs = x.detach().clone().requires_grad_(True)
+    theirs(x_theirs).square().sum().backward()
+    ours(x).square().sum().backward()
+    assert max_diff(x.grad, x_theirs.grad) <= TOL
+    ours_grads = dict(ours.named_parameters())
+    for name, p in theirs.named_parameters():
+        if p.grad is not None:
+            assert max_diff(ours_grads[name].grad, p.grad) <= TOL, name
