@@ -46,6 +46,36 @@ CONVENTIONAL: dict[str, str] = {
     "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "gate_up_proj": "gate_up",
 }
 _ATTN_PARTS = ("q", "k", "v", "qkv")
+# Where a module's name says one part and the model's code computes another, the role follows the
+# code and the report says why (model types, path pattern, the role kept, the reason; "" types:
+# any). A disagreement matched here is counted apart, never as agreement; a role that changes no
+# longer matches its note.
+NAME_NOTES: tuple[tuple[str, str, str, str], ...] = (
+    ("", r"\.indexer\.wk$", "other",
+     ("a sparse-attention indexer's key (DeepSeek-V3.2 DSA): its relu'd scores only pick tokens by "
+     "topk, no values are weighed")),
+    ("timesfm", r"\.mlp\.gate_proj$", "mlp.up",
+     "TimesFM's MLP is `down(relu(gate_proj(x)))`: the only input projection, nothing gated"),
+    ("sam3.*", r"dot_product_scoring\.query_proj$", "head",
+     ("SAM 3's scoring head: a query-prompt dot product gives the class logits; no values weighed")),
+    ("deepseek_v4", r"compressor\.(indexer\.)?gate_proj$", "other",
+     ("DeepSeek-V4's KV compressor: softmax pooling weights over a window of `kv_proj` rows, not an "
+     "MLP gate")),
+    ("rwkv", r"feed_forward\.key$", "mlp.up", "RWKV's channel mix `value(relu(key(x))^2)`: an MLP's up"),
+    ("rwkv", r"feed_forward\.value$", "mlp.down", "RWKV's channel mix: an MLP's down"),
+    ("rwkv", r"attention\.(key|value)$", "other",
+     ("RWKV's time mix: a decaying weighted average with no query (receptance gates its output): no "
+     "scores between two activations")),
+    ("mra", r"attention\.self\.(query|key|value)$", "other",
+     ("transformers' MRA attention without its CUDA kernel (any CPU run) returns `zeros_like(query)`: "
+      "q, k and v reach nothing in the captured call; with the kernel, an opaque custom op")),
+    ("zaya", r"mlp\.gate\.down_proj$", "other",
+     ("ZAYA's router: `down_proj` shrinks the hidden state for the router's own MLP, whose last "
+      "layer is the `moe.router`; no MLP's down")),
+    ("zaya", r"qkv_proj\.[qk]_proj$", "attn.qkv",
+     ("ZAYA's compressed convolutional attention mixes q and k (query = conv(cat(q, k)) + (q + k) / 2): "
+     "each feeds both; there is no `attn.qk` role")),
+)
 
 
 class _Timeout(Exception):
@@ -103,7 +133,7 @@ def sweep_one(model_type: str) -> dict[str, Any]:
             errors.append(_why(error))
             # The most complete call's error says most; later calls drop inputs or reshape them.
             row.update(runs=False, why=errors[0])
-    row.update(_roles_row(model))
+    row.update(_roles_row(model, model_type))
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
 
@@ -122,7 +152,7 @@ def _no_call(model: Any) -> str:
     return "no inputs synthesized: the forward takes none of the known inputs"
 
 
-def _roles_row(model: Any) -> dict[str, Any]:
+def _roles_row(model: Any, model_type: str = "") -> dict[str, Any]:
     from surgeon.capture.infer import infer_roles
 
     try:
@@ -134,7 +164,7 @@ def _roles_row(model: Any) -> dict[str, Any]:
         family = str(role).partition(".")[0]
         counts[family] = counts.get(family, 0) + 1
     uncertain = sorted({getattr(r, "uncertain", None) or "" for r in roles.values()} - {""})
-    named, doubted, wrong = 0, 0, []
+    named, doubted, wrong, noted = 0, 0, [], {}
     for path, role in roles.items():
         part = CONVENTIONAL.get(path.rsplit(".", 1)[-1].lower())
         if part is None:
@@ -145,8 +175,18 @@ def _roles_row(model: Any) -> dict[str, Any]:
         named += 1
         if not agrees(part, str(role)):
             wrong.append(f"{path}={role}")
+            why = name_note(model_type, path, str(role))
+            if why:
+                noted[path] = why
     return {"roles": True, "families": counts, "uncertain": uncertain, "named": named,
-            "named_uncertain": doubted, "disagree": wrong[:5], "n_disagree": len(wrong)}
+            "named_uncertain": doubted, "disagree": wrong[:5], "n_disagree": len(wrong),
+            "n_explained": len(noted), "explained": sorted(set(noted.values()))}
+
+
+def name_note(model_type: str, path: str, role: str) -> str:
+    """Why the name misleads, when NAME_NOTES says so for this type, path and this very role."""
+    return next((why for types, pattern, kept, why in NAME_NOTES if kept == role
+                 and re.fullmatch(types or ".*", model_type) and re.search(pattern, path)), "")
 
 
 def agrees(part: str, role: str) -> bool:
@@ -201,10 +241,12 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     computed = [r for r in runs if r.get("roles")]
     named = [r for r in computed if r.get("named")]
     agree = [r for r in named if not r.get("n_disagree")]
+    explained = [r for r in named if r.get("n_disagree") and r.get("n_explained") == r["n_disagree"]]
     pct = lambda a, b: f"{100 * len(a) / len(b):.1f}%" if b else "-"
     return {"types": len(rows), "built": len(built), "runs": len(runs), "runs_pct": pct(runs, built),
             "roles": len(computed), "roles_pct": pct(computed, runs),
             "named": len(named), "agree": len(agree), "agree_pct": pct(agree, named),
+            "explained": len(explained), "agree_or_explained_pct": pct(agree + explained, named),
             "uncertain": sum(1 for r in computed if r.get("uncertain")),
             "no_forward": sum(1 for r in built if str(r.get("why", "")).startswith("no forward"))}
 
@@ -225,7 +267,9 @@ def write_report(rows: list[dict[str, Any]], path: Path) -> None:
         (f"**{s['types']} types; {s['built']} build ({s['no_forward']} of them without a forward of "
          f"their own); {s['runs']} run ({s['runs_pct']}); roles for "
          f"{s['roles']} of those ({s['roles_pct']}); names agree on {s['agree']} of {s['named']} "
-         f"models with conventional names ({s['agree_pct']}); {s['uncertain']} marked uncertain.**"),
+         f"models with conventional names ({s['agree_pct']}); on {s['explained']} more every "
+         f"disagreement is a name that misleads, explained in the note ({s['agree_or_explained_pct']} "
+         f"with those); {s['uncertain']} marked uncertain.**"),
         "",
         _coverage(len(rows)),
         "",
@@ -240,6 +284,8 @@ def write_report(rows: list[dict[str, Any]], path: Path) -> None:
             names += f" +{r['named_uncertain']}?"
         note = r.get("why") or r.get("roles_why") or "; ".join(r.get("uncertain") or ()) \
             or ", ".join(r.get("disagree") or ())
+        if r.get("explained"):
+            note += " (name misleads: " + "; ".join(r["explained"]) + ")"
         lines.append(f"| {r['type']} | {_yes(r.get('built'))} | {_yes(r.get('runs'))} | "
                      f"{_yes(r.get('roles'))} | {fam} | {names} | {_cell(note)} |")
     path.write_text("\n".join(lines) + "\n")

@@ -29,7 +29,12 @@ def expert_parameters(model: nn.Module) -> list[str]:
 
 
 def is_expert_stack(captured: Capture, param: str | None) -> bool:
-    return param is not None and captured.model.get_parameter(param).dim() == 3
+    if param is None:
+        return False
+    try:
+        return captured.model.get_parameter(param).dim() == 3
+    except AttributeError:  # a buffer applied as a weight (DPT's bin centres): no expert stack
+        return False
 
 
 def expert_role(mlp_role: str, evidence: str) -> tuple[str, str] | None:

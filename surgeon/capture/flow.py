@@ -54,7 +54,8 @@ _KIND_OF_NAME = {name: kind for kind, names in _NAMED.items() for name in names}
 # Ops a weight passes through between its parameter and the op that applies it.
 _WEIGHT_VIEWS = {"t", "transpose", "permute", "numpy_T", "view", "reshape", "expand", "to",
                  "_to_copy", "contiguous", "clone", "select", "index", "slice", "unsqueeze",
-                 "squeeze", "alias", "detach", "type_as", "float", "half", "bfloat16", "getitem"}
+                 "squeeze", "alias", "detach", "detach_", "lift_fresh_copy", "type_as", "float", "half",
+                 "bfloat16", "getitem"}
 _WEIGHT_SCALES = {"mul", "div", "mul_", "div_"}
 _MODULE_KINDS: tuple[tuple[type, str], ...] = (
     (nn.Softmax, SOFTMAX), (nn.LayerNorm, NORM), (nn.GroupNorm, NORM), (nn.modules.batchnorm._BatchNorm, NORM),
@@ -94,12 +95,95 @@ class Flow:
 
     # ---- edges -------------------------------------------------------------------------------
     def inputs(self, node: fx.Node) -> list[fx.Node]:
-        """Float-tensor operands of `node` (parameters excluded) whose values it reads."""
+        """Float-tensor operands of `node` (parameters excluded) whose values it reads; a piece
+        of a concatenation reads only the part it takes (`_pieces`)."""
+        if node in self._pieces:
+            return [self._pieces[node]]
         return [n for n in _data_inputs(node) if self.kind[n] != PARAM and _is_float(n)]
 
-    def users(self, node: fx.Node) -> list[fx.Node]:
-        """Nodes that read `node`'s values as float data (not only its dtype or shape)."""
-        return [u for u in node.users if node in _data_inputs(u)] if _is_float(node) else []
+    def users(self, node: fx.Node, writes: bool = False) -> list[fx.Node]:
+        """Nodes that read `node`'s values as float data (not only its dtype or shape); with
+        `writes`, an in-place write (`out[:, i] = x`) is read by the later readers of the tensor
+        written into. Only the walk from an attention core to its output follows writes: a
+        recurrence written step by step (RWKV's WKV) would otherwise look pointwise."""
+        if not _is_float(node):
+            return []
+        found = [u for u in node.users if node in _data_inputs(u)]
+        base = self._written_base.get(node) if writes else None
+        if base is not None:
+            found += [u for u in base.users if base in _data_inputs(u)
+                      and u not in self._written_base and self._order[u] > self._order[node]]
+        return found
+
+    @cached_property
+    def _order(self) -> dict[fx.Node, int]:
+        return {n: i for i, n in enumerate(self.nodes)}
+
+    @cached_property
+    def _written_base(self) -> dict[fx.Node, fx.Node]:
+        """In-place write (`out[:, i] = x`, a `copy_` into a view) -> the tensor it writes into."""
+        found: dict[fx.Node, fx.Node] = {}
+        for node in self.nodes:
+            name = op_name(node)
+            if node.op == "call_function" and name.endswith("_") and not name.startswith("_") \
+                    and node.args and isinstance(node.args[0], fx.Node):
+                found[node] = _view_base(node.args[0])
+        return found
+
+
+    @cached_property
+    def _pieces(self) -> dict[fx.Node, fx.Node]:
+        """Piece of a split (or a slice) -> the input of the concatenation it takes back apart.
+
+        `q, k, v = split(conv(cat([q_proj(x), k_proj(x), v_proj(x)])))` (a short convolution run
+        over q, k and v at once): each piece is exactly one concatenated part, when every step
+        between the cat and the split keeps channels apart (views, casts, activations, depthwise
+        convolutions) and the piece's bounds are that part's bounds."""
+        found: dict[fx.Node, fx.Node] = {}
+        for node in self.nodes:
+            piece = _piece_bounds(node)
+            if piece is None:
+                continue
+            base, dim, start, stop = piece
+            cat = self._cat_behind(base)
+            if cat is None or _size(base, dim) != _size(cat, _cat_dim(cat)):
+                continue
+            offset = 0
+            for part in cat.args[0]:
+                size = _size(part, _cat_dim(cat))
+                if size is None:
+                    break
+                if (offset, offset + size) == (start, stop) and isinstance(part, fx.Node):
+                    found[node] = part
+                offset += size
+        return found
+
+    def _cat_behind(self, node: fx.Node) -> fx.Node | None:
+        """The `cat` that `node` is, through single-input steps that keep channels apart."""
+        for _ in range(12):
+            if op_name(node) == "cat":
+                return node
+            if self.is_depthwise(node):
+                inputs = [self.projs[node].data]
+            elif self.kind.get(node) in (PASS, ACT, SLICE):
+                inputs = [n for n in _data_inputs(node) if self.kind.get(n) != PARAM and _is_float(n)]
+            else:
+                return None
+            if len(inputs) != 1 or not isinstance(inputs[0], fx.Node):
+                return None
+            node = inputs[0]
+        return None
+
+    def is_depthwise(self, node: fx.Node) -> bool:
+        """A depthwise convolution: one filter per channel (a short convolution along time)."""
+        proj = self.projs.get(node)
+        if proj is None or proj.kind != "conv" or proj.module is None:
+            return False
+        module = self.capture.model.get_submodule(proj.module)
+        groups = getattr(module, "groups", 1)
+        channels = getattr(module, "in_channels", 0)
+        return groups > 1 and groups == channels == getattr(module, "out_channels", -1)
+
 
     @cached_property
     def origins(self) -> dict[fx.Node, frozenset[str]]:
@@ -118,13 +202,15 @@ class Flow:
         nodes of a `through` kind, nearest first."""
         return self._walk([start], through, collect, forward=False, include_start=True)
 
-    def walk_forward(self, start: fx.Node, through: frozenset[str], collect: frozenset[str]) -> list[fx.Node]:
+    def walk_forward(self, start: fx.Node, through: frozenset[str], collect: frozenset[str],
+                     writes: bool = False) -> list[fx.Node]:
         """Nodes of a `collect` kind reached forwards from `start` through `through` kinds;
-        a projection counts only where the walk arrives at its data operand."""
-        return self._walk([start], through, collect, forward=True, include_start=False)
+        a projection counts only where the walk arrives at its data operand. `writes`: see
+        `users`."""
+        return self._walk([start], through, collect, forward=True, include_start=False, writes=writes)
 
     def _walk(self, start: Iterable[fx.Node], through: frozenset[str], collect: frozenset[str],
-              forward: bool, include_start: bool) -> list[fx.Node]:
+              forward: bool, include_start: bool, writes: bool = False) -> list[fx.Node]:
         found: list[fx.Node] = []
         seen: set[fx.Node] = set()
         queue: deque[tuple[fx.Node | None, fx.Node]] = deque((None, n) for n in start)
@@ -140,7 +226,7 @@ class Flow:
                     continue
                 if kind not in through:
                     continue
-            nexts = self.users(node) if forward else self.inputs(node)
+            nexts = self.users(node, writes) if forward else self.inputs(node)
             queue.extend((node, n) for n in nexts)
         return found
 
@@ -209,6 +295,8 @@ class Flow:
         if name in _MATMULS:
             operands = _matmul_operands(node, name)
             weights = [o for o in operands if self._weight_param(o) is not None]
+            if name == "linear" and operands[1] in weights:  # linear's weight is its second operand,
+                weights = [operands[1]]  # even when its data is a parameter too (learned queries)
             data = [o for o in operands if o not in weights]
             if len(weights) == 1 and len(data) == 1:
                 self._add_proj(node, "linear", data[0], self._owner(node, weights[0]),
@@ -267,11 +355,21 @@ class Flow:
         """The parameter path behind a weight operand (through views, transposes, expert selects)."""
         while isinstance(operand, fx.Node):
             if operand.op == "get_attr":
-                return self.canonical_param(str(operand.target))
+                path = self.canonical_param(str(operand.target))
+                return path if self._holds(path) else None
             if operand.op not in ("call_function", "call_method") or not _weight_step(operand):
                 return None
             operand = operand.args[0] if operand.args else None
         return None
+
+    def _holds(self, path: str) -> bool:
+        """Whether the model holds a tensor at `path`: export lifts tensors the forward makes
+        (`lifted_tensor_0`) into graph constants that belong to no module."""
+        owner, _, name = path.rpartition(".")
+        try:
+            return isinstance(getattr(self.capture.model.get_submodule(owner), name), torch.Tensor)
+        except AttributeError:
+            return False
 
     def canonical_param(self, target: str) -> str:
         owner, _, name = target.rpartition(".")
@@ -335,6 +433,61 @@ def _data_inputs(node: fx.Node) -> list[fx.Node]:
     return list(node.all_input_nodes)
 
 
+def _piece_bounds(node: fx.Node) -> tuple[fx.Node, int, int, int] | None:
+    """(base, dim, start, stop) of a node taking one contiguous piece of `base` along `dim`:
+    `getitem` of a split, or a slice."""
+    name = op_name(node)
+    if name == "getitem" and isinstance(node.args[0], fx.Node) \
+            and op_name(node.args[0]) in ("split_with_sizes", "split", "unsafe_split"):
+        split, index = node.args[0], node.args[1]
+        base = split.args[0]
+        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        pieces = split.meta.get("val")
+        if not isinstance(base, fx.Node) or not isinstance(pieces, (list, tuple)):
+            return None
+        sizes = [_size_of(p, dim) for p in pieces]
+        if not isinstance(index, int) or not 0 <= index < len(sizes) or None in sizes:
+            return None
+        start = sum(sizes[:index])
+        return base, dim, start, start + sizes[index]
+    if name == "slice" and len(node.args) >= 4 and isinstance(node.args[0], fx.Node) \
+            and all(isinstance(a, int) for a in node.args[1:4]):
+        base, dim, start, stop = node.args[:4]
+        size = _size(base, dim)
+        if size is None:
+            return None
+        start, stop, _ = slice(start, stop).indices(size)
+        return base, dim, start, stop
+    return None
+
+
+def _cat_dim(cat: fx.Node) -> int:
+    return cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+
+
+def _size(node: Any, dim: int) -> int | None:
+    return _size_of(node.meta.get("val") if isinstance(node, fx.Node) else None, dim)
+
+
+def _size_of(val: Any, dim: int) -> int | None:
+    if not isinstance(val, torch.Tensor) or not -val.dim() <= dim < max(val.dim(), 1):
+        return None
+    size = val.shape[dim]
+    return size if isinstance(size, int) else None
+
+
+_VIEWS = frozenset({"select", "slice", "view", "reshape", "transpose", "permute", "unsqueeze",
+                    "squeeze", "as_strided", "alias", "expand", "diagonal", "narrow", "t", "unflatten"})
+
+
+def _view_base(node: fx.Node) -> fx.Node:
+    """The tensor `node` is a view of (itself when it is none)."""
+    while node.op == "call_function" and op_name(node) in _VIEWS and node.args \
+            and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
 def _reduces(node: fx.Node) -> bool:
     """max/min over a dimension (a reduction), not max/min of two tensors (a clamp)."""
     return op_name(node) in ("max", "min") and not (len(node.args) > 1 and isinstance(node.args[1], fx.Node))
@@ -364,7 +517,8 @@ def _chain_back(node: fx.Node, steps: int) -> set[fx.Node]:
 
 
 def _uses_indices(node: fx.Node) -> bool:
-    return any(op_name(u) == "getitem" and u.args[1] == 1 for u in node.users)
+    """max(dim)/min(dim) whose indices are read (export unpacks both halves, used or not)."""
+    return any(op_name(u) == "getitem" and u.args[1] == 1 and u.users for u in node.users)
 
 
 def _matmul_operands(node: fx.Node, name: str) -> list[Any]:
@@ -382,8 +536,13 @@ def _is_float(node: fx.Node) -> bool:
     if val is None:
         return node.op != "get_attr"
     if isinstance(val, (list, tuple)):
-        return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in val)
-    return isinstance(val, torch.Tensor) and val.is_floating_point()
+        return any(_is_data(v) for v in val)
+    return _is_data(val)
+
+
+def _is_data(val: Any) -> bool:
+    """A floating-point or complex tensor (RoPE applied as a complex product, Llama 4)."""
+    return isinstance(val, torch.Tensor) and (val.is_floating_point() or val.is_complex())
 
 
 def _is_symint(node: fx.Node) -> bool:

@@ -3,7 +3,10 @@
 `torch.export.export(strict=False)` is the front end (transformers 5 models do not
 `symbolic_trace`); `torch.fx.symbolic_trace` is the fallback for plain modules. Capture always
 works on a copy of the model on the meta device, so it allocates no weight memory and never
-changes the user's model.
+changes the user's model. The one exception: where export fails on shapes read from input values
+(an image grid's `.tolist()`, a length's `.item()`; the meta device has no values), a model of
+up to `REAL_COPY_BYTES` is exported again from a real copy with real inputs by
+`torch.export.draft_export`, which settles those branches by the values.
 
 Repeated blocks (the `layers` of a transformer) are captured once per distinct structure: every
 other block of the same structure is short-circuited during the trace (its forward returns its
@@ -14,8 +17,10 @@ the representative blocks in their real context (encoder output, embeddings, hea
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import io
 import logging
 import sys
 from collections.abc import Mapping
@@ -39,6 +44,8 @@ _SUGGESTION = ("Select layers by name (\"q_proj\", /regex/) or by type (Linear) 
 # indices look like data, and it follows Python control flow only for the default branch.
 TRACED_CAVEAT = ("captured by symbolic tracing, a fallback that sees no shapes or dtypes (dataflow "
                  "edges are guessed)")
+# A model this small may be copied with its weights when export needs real values (below).
+REAL_COPY_BYTES = 2 << 30
 INPUT_HINT = ("pass example inputs (`--input 1x3x224x224:float32`, or `example_inputs=` in Python), "
               "or select these layers by name or type")
 
@@ -53,7 +60,7 @@ class Capture:
 
     graph: torch.fx.GraphModule
     prefix: str  # prefix of module paths in node meta / get_attr targets ("m." under the wrapper)
-    frontend: str  # "export-blocks", "export" or "symbolic_trace"
+    frontend: str  # "export-blocks", "export", "draft-export(-blocks)" or "symbolic_trace"
     stand_ins: Mapping[str, str]  # short-circuited block path -> path of the block captured for it
     model: nn.Module  # the meta copy that was traced (paths in the graph resolve against it)
     inputs: tuple[str, ...] = ()  # the model's name for each graph placeholder, in order
@@ -95,8 +102,9 @@ def capture(model: nn.Module, example_inputs: Any = None, *, blocks: bool = True
     """Capture `model`, short-circuiting repeated blocks when `blocks` is set.
 
     Tries, in order: export with stand-ins for repeated blocks, export of the whole model (each
-    with every candidate call, most complete first), `symbolic_trace` (its capture carries a
-    caveat: roles read from it are uncertain). Raises `CaptureError` with every front end's
+    with every candidate call, most complete first), the same on a real copy with real inputs
+    when export failed on data-dependent shapes (`_capture_with_values`), `symbolic_trace` (its
+    capture carries a caveat: roles read from it are uncertain). Raises `CaptureError` with every front end's
     reason when none works.
     """
     candidates = _candidates(model, example_inputs)
@@ -110,6 +118,10 @@ def capture(model: nn.Module, example_inputs: Any = None, *, blocks: bool = True
                 return _export(meta_copy(model).eval(), inputs, use_blocks, frontend)
             except Exception as error:  # noqa: BLE001 - any tracing failure moves to the next try
                 reasons.append(f"{frontend}: {_first_line(error)}")
+    if any("data-dependent" in reason for reason in reasons):
+        found = _capture_with_values(model, example_inputs, attempts, reasons)
+        if found is not None:
+            return found
     try:
         meta = meta_copy(model).eval()
         return Capture(torch.fx.symbolic_trace(meta), "", "symbolic_trace", {}, meta,
@@ -120,6 +132,41 @@ def capture(model: nn.Module, example_inputs: Any = None, *, blocks: bool = True
         f"Could not capture the dataflow of `{type(model).__name__}`: " + "; ".join(_unique(reasons))
         + f". {_SUGGESTION}"
     )
+
+
+def _capture_with_values(model: nn.Module, example_inputs: Any, attempts: Any,
+                         reasons: list[str]) -> Capture | None:
+    """Export a real copy on real inputs with `torch.export.draft_export`, which settles branches
+    on input values (sizes read from an image grid, a `.item()`) by the values themselves; on the
+    meta device there are no values, so export refuses them. Only for models small enough to copy
+    (`REAL_COPY_BYTES`); the graph is the one these inputs take, as any capture's is."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if not tensors or any(t.is_meta for t in tensors):
+        return None
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    if size > REAL_COPY_BYTES:
+        reasons.append(f"draft-export: not tried: the model's shapes depend on input values, which "
+                       f"needs a real copy, and it holds {size / 2**30:.1f} GiB (the limit is "
+                       f"{REAL_COPY_BYTES / 2**30:.0f} GiB); {INPUT_HINT}")
+        return None
+    if example_inputs is None:
+        candidates = input_candidates(model, tensors[0].device)
+    else:  # the user's values (`.to()` would keep only shapes), copied: the forward runs on them
+        candidates = [_copied(from_user(model, example_inputs))]
+    for use_blocks, frontend in attempts:
+        for inputs in candidates:
+            try:
+                copied = copy.deepcopy(model).eval()
+                return _export(copied, inputs, use_blocks, f"draft-{frontend}", draft=True)
+            except Exception as error:  # noqa: BLE001 - as above
+                reasons.append(f"draft-{frontend}: {_first_line(error)}")
+    return None
+
+
+def _copied(inputs: ExampleInputs) -> ExampleInputs:
+    args, kwargs = inputs.split(tuple(t.clone() for t in inputs.flat()))
+    options = dict(inputs.options)
+    return ExampleInputs(args, tuple((k, v) for k, v in kwargs.items() if k not in options), inputs.options)
 
 
 def _candidates(model: nn.Module, example_inputs: Any) -> list[ExampleInputs]:
@@ -174,19 +221,23 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copied
 
 
-def _export(meta: nn.Module, inputs: ExampleInputs, use_blocks: bool, frontend: str) -> Capture:
+def _export(meta: nn.Module, inputs: ExampleInputs, use_blocks: bool, frontend: str,
+            draft: bool = False) -> Capture:
     stand_ins = _install_stand_ins(meta) if use_blocks else {}
     if use_blocks and not stand_ins:
         raise CaptureError("no repeated blocks to short-circuit")
     # no_grad: no grad-mode HOPs in the graph; meta: tensors the forward creates meet the weights.
-    # An attempt that fails logs tracebacks and whole programs; its reason is kept instead.
+    # An attempt that fails logs tracebacks and prints the partial program to stderr; its reason
+    # is kept instead, so both are silenced for the attempt and restored after.
     loggers = [logging.getLogger(name) for name in _NOISY]
     levels = [log.level for log in loggers]
     for log in loggers:
         log.setLevel(logging.CRITICAL)
+    export = torch.export.draft_export if draft else torch.export.export
+    device = contextlib.nullcontext() if draft else torch.device("meta")
     try:
-        with torch.no_grad(), torch.device("meta"):
-            program = torch.export.export(_Wrapper(meta, inputs), inputs.flat(), strict=False)
+        with torch.no_grad(), device, contextlib.redirect_stderr(io.StringIO()):
+            program = export(_Wrapper(meta, inputs), inputs.flat(), strict=False)
     finally:
         for log, level in zip(loggers, levels, strict=True):
             log.setLevel(level)

@@ -6,7 +6,9 @@
 1. embed      an embedding indexed by a model input (token ids), not by computed positions;
 2. attention  q/k/v/o (fused qkv/kv; xattn.* for cross-attention), see roles_attention;
 3. router     a projection whose output reaches `topk` (MoE); experts keep their MLP roles;
-4. mlp        up/gate/down/gate_up, see roles_mlp;
+   (a top-k token indexer's query and key, whose product reaches `topk`, are `other`, said so);
+4. adaln      a projection scaling a norm's output (a diffusion transformer's modulation);
+   mlp        up/gate/down/gate_up, see roles_mlp;
 5. head       a projection whose output reaches a model output and no other projection;
 6. other      everything else, dead modules included.
 
@@ -27,6 +29,8 @@ from surgeon.capture.experts import expert_role, is_expert_stack, parameter_role
 from surgeon.capture.flow import (
     ACT,
     INPUT,
+    MATMUL,
+    NORM,
     OUTPUT,
     PASS,
     PROJ,
@@ -50,6 +54,8 @@ _INDEX_VIEWS = frozenset({"view", "reshape", "unsqueeze", "squeeze", "to", "_to_
                           "contiguous", "clone", "flatten", "alias", "lift_fresh_copy"})
 # Between a router's logits and topk: softmax, casts, jitter, normalisation.
 _TO_TOPK = frozenset({PASS, SLICE, ACT, SOFTMAX, REDUCE})
+# Between a projection and a score matmul it is an operand of: views, RoPE, norms, scaling.
+_TO_SCORE = frozenset({PASS, SLICE, ACT, NORM, REDUCE})
 
 
 class Role(str):
@@ -212,6 +218,8 @@ def _decide(flow: Flow) -> tuple[dict[str, Role], dict[str, tuple[str, str]]]:
     keep(embed_roles(flow))
     keep(attention_roles(flow, find_cores(flow)))
     keep(router_roles(flow, _free(flow, taken)))
+    keep(indexer_roles(flow, _free(flow, taken)))
+    keep(modulation_roles(flow, _free(flow, taken)))
     keep(mlp_roles(flow, _free(flow, taken)))
     keep(head_roles(flow, _free(flow, taken)))
     return decided, stacks
@@ -256,6 +264,64 @@ def router_roles(flow: Flow, candidates: list[fx.Node]) -> list[Found]:
         if hits:
             found.append(Found(node, "moe.router", f"its output reaches topk in `{flow.scope(hits[0])}`"))
     return found
+
+
+def indexer_roles(flow: Flow, candidates: list[fx.Node]) -> list[Found]:
+    """Query/key projections of a top-k token indexer (DeepSeek's sparse attention): their
+    product's scores only select tokens (topk) and weigh no values, so they are no attention
+    operands; `other`, said plainly, rather than left without a reason."""
+    found = []
+    for node in candidates:
+        for score in flow.walk_forward(node, _TO_SCORE, frozenset({MATMUL})):
+            hits = flow.walk_forward(score, _TO_TOPK | {MATMUL}, frozenset({TOPK}))
+            if hits:
+                found.append(Found(node, "other", "enters a product of two activations whose scores "
+                                   f"only pick tokens by topk in `{flow.scope(hits[0])}` (a "
+                                   "sparse-attention indexer): no values are weighed, so it is no "
+                                   "attention operand"))
+                break
+    return found
+
+
+def modulation_roles(flow: Flow, candidates: list[fx.Node]) -> list[Found]:
+    """Adaptive-norm modulation (adaLN): a linear projection whose output, through views and
+    splits only (no activation: a gated norm's gate passes one), multiplies a norm's output."""
+    found = []
+    for node in candidates:
+        scaled = _scales_a_norm(flow, node) if flow.projs[node].kind == "linear" else None
+        if scaled is not None:
+            found.append(Found(node, "adaln", "its output scales a normalised activation in "
+                               f"`{flow.scope(scaled)}` (adaptive norm modulation), through no "
+                               "activation"))
+    return found
+
+
+def _scales_a_norm(flow: Flow, proj: fx.Node) -> fx.Node | None:
+    """The `mul` of a norm's output that `proj`'s output reaches through views and splits."""
+    seen, queue = set(), [proj]
+    while queue:
+        current = queue.pop(0)
+        for user in flow.users(current):
+            if user in seen:
+                continue
+            seen.add(user)
+            others = [o for o in flow.inputs(user) if o is not current]
+            if op_name(user) == "mul" and any(_normed(flow, o) for o in others):
+                return user
+            if flow.kind[user] in (PASS, SLICE):
+                queue.append(user)
+    return None
+
+
+def _normed(flow: Flow, node: fx.Node) -> bool:
+    """A norm's output, seen through a few views and casts."""
+    for _ in range(4):
+        if flow.kind[node] == NORM:
+            return True
+        if op_name(node) not in _INDEX_VIEWS or not flow.inputs(node):
+            return False
+        node = flow.inputs(node)[0]
+    return False
 
 
 def head_roles(flow: Flow, candidates: list[fx.Node]) -> list[Found]:

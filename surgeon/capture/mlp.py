@@ -11,6 +11,8 @@ crossed an activation and through which slice of the output it went:
 - a lone feeder reaching `down` through two slices of its output, one through the activation
   and one without, is a fused `gate_up`.
 Only linear projections take part: conv stacks (whisper's front end, a CNN) keep no MLP role.
+A norm on the way counts only where it normalises the product of two projections after the
+activation (BitNet's `down(norm(act(gate) * up))`), never the residual stream.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from dataclasses import dataclass
 from torch import fx
 
 from surgeon.capture.attention import Found
-from surgeon.capture.flow import ACT, PASS, PROJ, SLICE, Flow, op_name
+from surgeon.capture.flow import ACT, NORM, PASS, PROJ, SLICE, Flow, op_name
+
+_POINTWISE = frozenset({PASS, SLICE, ACT})
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ def _feeds(flow: Flow, start: fx.Node) -> dict[fx.Node, set[_Path]]:
                 if flow.projs[user].data is node:
                     reached.setdefault(user, set()).add(path)
                 continue
-            if kind not in (PASS, SLICE, ACT):
+            if kind not in (PASS, SLICE, ACT) and not (kind == NORM and _product(flow, user)):
                 continue
             step = _Path(path.slice or (user if kind == SLICE and _is_part(user) else None),
                          path.act or (op_name(user) if kind == ACT else None))
@@ -69,6 +73,15 @@ def _feeds(flow: Flow, start: fx.Node) -> dict[fx.Node, set[_Path]]:
                 seen.add((user, step))
                 queue.append((user, step))
     return reached
+
+
+def _product(flow: Flow, norm: fx.Node) -> bool:
+    """A norm of a product of two projections (BitNet's sub-norm of `act(gate) * up`, before
+    `down`): the MLP's hidden state normalised, not the residual stream."""
+    inputs = flow.inputs(norm)
+    projs = {p for n in inputs for p in flow.walk_back(n, _POINTWISE, frozenset({PROJ}))}
+    acts = [a for n in inputs for a in flow.walk_back(n, frozenset({PASS, SLICE}), frozenset({ACT}))]
+    return len(projs) >= 2 and bool(acts)
 
 
 def _is_part(node: fx.Node) -> bool:
@@ -101,8 +114,11 @@ def _classify(flow: Flow, down: fx.Node, by_feeder: dict[fx.Node, set[_Path]]) -
             found.append(Found(feeder, "mlp.up", f"feeds {where} through {act}"))
         return found
     for feeder, paths in by_feeder.items():
+        if _split_gate_up(paths):  # fused, with another feeder added to it (Zamba2's adapters)
+            found.append(Found(feeder, "mlp.gate_up", f"one slice of its output passes {act}, "
+                               f"another does not, and both reach {where}"))
         # gelu-tanh by hand multiplies x by a function of x: some paths skip the nonlinearity
-        if any(p.act for p in paths):
+        elif any(p.act for p in paths):
             found.append(Found(feeder, "mlp.gate", f"feeds {where} through {act}, gating a "
                                "projection that reaches it without one"))
         else:
@@ -121,12 +137,16 @@ def _outside_factors(flow: Flow, down: fx.Node, feeders: set[fx.Node]) -> list[f
         node = queue.pop()
         if node in cone or node in feeders:
             continue
-        if flow.kind[node] not in (PASS, SLICE, ACT):
+        crossed = flow.kind[node] in (PASS, SLICE, ACT) or (flow.kind[node] == NORM and _product(flow, node))
+        if not crossed:
             if node not in flow.projs and flow.origins[node]:
                 outside.append(node)
             continue
         cone.add(node)
-        queue.extend(flow.inputs(node))
+        inputs = flow.inputs(node)
+        if flow.kind[node] == NORM:  # its data, not its statistic (rsqrt(mean(x^2)) of that data)
+            inputs = [n for n in inputs if flow.walk_back(n, _POINTWISE, frozenset({PROJ}))]
+        queue.extend(inputs)
     return outside
 
 

@@ -3,6 +3,11 @@
 A role says what a layer *does* in the dataflow graph, never what it is called. Role values are
 plain strings spelled as in the language (`@attn.q` in a spec is the role "attn.q").
 
+`adaln` is a diffusion transformer's adaptive-norm modulation: a projection of a conditioning
+signal (timestep, class) whose output scales and shifts a normalised activation (DiT's
+`adaLN_modulation`); it is no MLP part even when it reads another projection through an
+activation.
+
 Most roles belong to modules. `moe.up` and `moe.down` belong to parameters: a MoE block's expert
 stacks, 3-D parameters `(experts, d1, d2)` in transformers 5 (Mixtral, Qwen-MoE, gpt-oss) that
 no Linear applies. `moe.up` feeds the experts' nonlinearity (fused gate_up, w1, w3), `moe.down`
@@ -19,7 +24,7 @@ ROLES: tuple[str, ...] = (
     "mlp.up", "mlp.gate", "mlp.down", "mlp.gate_up",
     "mixer.in", "mixer.out",
     "moe.router", "moe.up", "moe.down",
-    "embed", "head", "other",
+    "adaln", "embed", "head", "other",
 )
 
 # Roles of parameters (MoE expert stacks), not of modules.

@@ -130,16 +130,21 @@ def _roles_arguments(cmd: argparse.ArgumentParser) -> None:
 
 
 def run_roles(args: argparse.Namespace) -> int:
-    from surgeon.capture.infer import infer_roles
+    from surgeon.capture.infer import analyse
     from surgeon.layer_kinds import kind_of
 
     loaded = load_model_arg(args)
-    roles = infer_roles(loaded.model, example_inputs=loaded.example_inputs)
+    found = analyse(loaded.model, example_inputs=loaded.example_inputs)
     modules = dict(loaded.model.named_modules())
     rows = [{"path": path, "kind": kind_of(modules[path]) or type(modules[path]).__name__,
              "shape": _shape(modules[path]), "role": str(role), "evidence": role.evidence,
              "uncertain": role.uncertain}
-            for path, role in roles.items()]
+            for path, role in found.roles.items()]
+    # MoE expert stacks: 3-D parameters no module applies (`@moe.up` / `@moe.down` select them)
+    params = dict(loaded.model.named_parameters())
+    rows += [{"path": path, "kind": "Parameter", "shape": "x".join(str(n) for n in params[path].shape),
+              "role": str(role), "evidence": role.evidence, "uncertain": role.uncertain}
+             for path, role in found.parameters.items()]
     if args.json:
         print_json({"model": loaded.name, "layers": rows})
         return 0
@@ -166,7 +171,9 @@ def _print_roles(rows: list[dict], name: str) -> None:
     for r in rows:
         counts[r["role"]] = counts.get(r["role"], 0) + 1
     summary = ", ".join(f"{n} @{role}" for role, n in counts.items())
-    print(f"{name}: {len(rows)} adaptable layers: {summary}")
+    stacks = sum(1 for r in rows if r["kind"] == "Parameter")
+    layers = f"{len(rows) - stacks} adaptable layers" + (f" and {stacks} expert stacks" if stacks else "")
+    print(f"{name}: {layers}: {summary}")
 
 
 ROLES = Command(

@@ -142,3 +142,18 @@ def test_dead_adapters_are_refused_or_warned_when_roles_were_captured() -> None:
         plan("adapter default = lora(r=2) { target @mlp.up within fc  target spare }", model, example_inputs=x)
     assert {s.path for s in plan("adapter default = lora(r=2) { target inner, spare }", model).sites} \
         == {"inner", "spare"}
+
+
+def test_the_roles_command_lists_expert_stacks(capsys) -> None:
+    """`surgeon roles` lists the expert stacks a `@moe.up` / `@moe.down` rule selects next to the
+    module layers; Mixtral's experts compute `down_proj @ act(gate_up_proj @ x)`."""
+    import json
+
+    from surgeon.cli.main import main
+
+    assert main(["roles", "--model", "tiny:mixtral", "--json"]) == 0
+    rows = {r["path"]: r for r in json.loads(capsys.readouterr().out)["layers"]}
+    up, down = (rows[f"model.layers.0.mlp.experts.{n}"] for n in ("gate_up_proj", "down_proj"))
+    assert (up["kind"], up["role"], down["kind"], down["role"]) == ("Parameter", "moe.up", "Parameter", "moe.down")
+    assert main(["roles", "--model", "tiny:mixtral"]) == 0
+    assert "expert stacks" in capsys.readouterr().out
