@@ -8,25 +8,35 @@ loaded alone, `inputs_embeds` or `query_embeds` for towers that take no ids) and
 A parameter is filled when the forward requires it, or when it is one of the inputs that
 decide which code runs (a decoder's cross-attention is dead without its encoder states).
 
+Beyond the names: inputs sized by another input of the call come last (surgeon.capture.
+derived_inputs: the lengths of the frames passed, the grid of the pixels); a parameter typed
+`list[Tensor]` gets a list (a feature pyramid); a required one whose type hint allows None gets
+None; a required one no maker knows gets zeros in the shape its docstring gives
+(surgeon.models.documented), if it gives one.
+
 `input_candidates` returns the calls to try, most complete first: a vision-language (or audio-
 language) model is tried with pixels (audio) and text, then with text alone (its tower is then
-captured on its own, surgeon.capture.towers). After each call come its variants with one input
-in another layout, read from the layer that consumes it (surgeon.models.layouts): configs often
-do not say whether a spectrogram is mels-first or how wide a flattened patch is, the first
-layer does. `missing_inputs` names the required inputs no maker knows, for errors.
+captured on its own, surgeon.capture.towers), then with embeddings for ids. After each call come
+its variants with one input in another layout, read from the layer that consumes it or from the
+docstring (surgeon.models.layouts): configs often do not say whether a spectrogram is mels-first
+or how wide a flattened patch is, the first layer does. `missing_inputs` names the required
+inputs nothing can make, with their type where that is an object (a video session), for errors.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from surgeon.capture.derived_inputs import AFTER_WITHOUT, DERIVED
 from surgeon.capture.inputs import ExampleInputs
-from surgeon.models.layouts import variants
+from surgeon.models.documented import documented_tensor
+from surgeon.models.layouts import audio_frames, merge_size, variants
 
 # Token count of synthesized text inputs: small, but longer than any tiny model's window or
 # conv stride so that no code path is skipped for short inputs.
@@ -40,8 +50,10 @@ def _ids(length: int) -> Maker:
 
 
 def _text_length(config: Any) -> int:
-    """SEQ_LEN tokens, plus room for the query tokens a BLIP-2-style model prepends."""
-    return SEQ_LEN + int(getattr(config, "num_query_tokens", 0) or 0)
+    """SEQ_LEN tokens, plus room for the query tokens a BLIP-2-style model prepends (Kosmos-2's
+    image embeddings take `latent_query_num` token positions)."""
+    queries = getattr(config, "num_query_tokens", None) or getattr(config, "latent_query_num", None)
+    return SEQ_LEN + int(queries if isinstance(queries, int) else 0)
 
 
 def _input_ids(config: Any, device: Any) -> torch.Tensor:
@@ -53,7 +65,8 @@ def _input_ids(config: Any, device: Any) -> torch.Tensor:
 
 def _sub(config: Any, name: str) -> Any:
     """The sub-config of a tower (`vision_config`; audio under any of its usual names)."""
-    names = {"audio_config": (name, "encoder_config", "speech_config"),
+    # X-Codec 2: its semantic tower (a w2v-BERT) reads the log-mels beside the raw audio
+    names = {"audio_config": (name, "encoder_config", "speech_config", "semantic_model_config"),
              "vision_config": (name, "backbone_config")}.get(name, (name,))  # ViTPose: a ViT backbone
     return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), config)
 
@@ -71,12 +84,25 @@ def _size(value: Any, default: int = 64) -> tuple[int, int]:
 def _pixels(config: Any, device: Any) -> torch.Tensor:
     """An image, or a clip of `num_frames` images for a video tower (VideoMAE, TimeSformer)."""
     vision = _sub(config, "vision_config")
-    height, width = _size(getattr(vision, "image_size", None) or getattr(vision, "input_size", None))
+    height, width = _size(getattr(vision, "image_size", None) or getattr(vision, "input_size", None)
+                          or _scaled_patch_side(vision))
     channels = getattr(vision, "num_channels", None) or 3
     frames = getattr(vision, "num_frames", None)
+    tiles = getattr(vision, "max_num_tiles", None)
+    if isinstance(tiles, int) and tiles > 0:  # Mllama: (batch, images, tiles, ...), one image
+        return torch.zeros(1, 1, tiles, channels, height, width, device=device)
     if isinstance(frames, int) and frames > 0:
         return torch.zeros(1, frames, channels, height, width, device=device)
     return torch.zeros(1, channels, height, width, device=device)
+
+
+def _scaled_patch_side(config: Any) -> int | None:
+    """Depth Pro: the image is cut into `patch_size` patches at each of its `scaled_images_ratios`,
+    so its smallest scale must hold a patch."""
+    patch, ratios = getattr(config, "patch_size", None), getattr(config, "scaled_images_ratios", None)
+    if isinstance(patch, int) and isinstance(ratios, list | tuple) and ratios and min(ratios) > 0:
+        return round(patch / min(ratios))
+    return None
 
 
 def _video(config: Any, device: Any) -> torch.Tensor:
@@ -95,10 +121,19 @@ def _input_values(config: Any, device: Any) -> torch.Tensor:
     audio = _sub(config, "audio_config")
     if getattr(audio, "max_length", None) and getattr(audio, "num_mel_bins", None):
         return torch.zeros(1, audio.max_length, audio.num_mel_bins, device=device)
+    # Whole tokens of samples where the model embeds fixed spans (Muse Spark: 1920 per token)
+    span = getattr(audio, "samples_per_token", None)
+    samples = -(-AUDIO_SAMPLES // span) * span if isinstance(span, int) and span > 0 else AUDIO_SAMPLES
+    ratios = getattr(config, "downsampling_ratios", None)
+    if getattr(config, "semantic_model_config", None) is not None and isinstance(ratios, list) and ratios \
+            and all(isinstance(r, int) and r > 0 for r in ratios):
+        # X-Codec 2: its acoustic frames (samples / the product of its strides) are concatenated
+        # with its semantic tower's log-mel frames, so the two must count alike
+        samples = _feature_frames(config) * math.prod(ratios)
     channels = getattr(audio, "audio_channels", None)
     if channels:
-        return torch.zeros(1, channels, AUDIO_SAMPLES, device=device)
-    return torch.zeros(1, AUDIO_SAMPLES, device=device)
+        return torch.zeros(1, channels, samples, device=device)
+    return torch.zeros(1, samples, device=device)
 
 
 def _input_features(config: Any, device: Any) -> torch.Tensor:
@@ -112,7 +147,16 @@ def _input_features(config: Any, device: Any) -> torch.Tensor:
     features = (per_channel * getattr(audio, "input_channels", 1) if per_channel
                 else getattr(audio, "feature_size", None) or getattr(audio, "feature_projection_input_dim", None)
                 or mels or 80)
-    return torch.zeros(1, 4 * SEQ_LEN, features, device=device)
+    return torch.zeros(1, _feature_frames(config), features, device=device)
+
+
+def _feature_frames(config: Any) -> int:
+    """Frames of synthesized log-mels; where each text token carries a fixed span of frames added
+    to it (Voxtral Realtime's `audio_length_per_tok`), as many frames as the text's tokens take."""
+    per_token = getattr(config, "audio_length_per_tok", None)
+    if isinstance(per_token, int) and per_token > 0:
+        return _text_length(config) * per_token
+    return audio_frames(_sub(config, "audio_config"))
 
 
 def _frames_mask(config: Any, device: Any) -> torch.Tensor:
@@ -120,7 +164,7 @@ def _frames_mask(config: Any, device: Any) -> torch.Tensor:
     audio = _sub(config, "audio_config")
     positions = getattr(audio, "max_source_positions", None)
     whisper = getattr(audio, "num_mel_bins", None) and positions and not getattr(audio, "input_feat_per_channel", None)
-    return torch.ones(1, 2 * positions if whisper else 4 * SEQ_LEN, dtype=torch.long, device=device)
+    return torch.ones(1, 2 * positions if whisper else _feature_frames(config), dtype=torch.long, device=device)
 
 
 def _hidden(config: Any) -> int:
@@ -145,8 +189,9 @@ def _query_embeds(config: Any, device: Any) -> torch.Tensor:
 
 
 def _grid(config: Any) -> tuple[int, int, int]:
-    """A patch grid (frames, rows, cols) whose rows and cols the tower's patch merger divides."""
-    merge = int(getattr(config, "spatial_merge_size", 1) or 1)
+    """A patch grid (frames, rows, cols) whose rows and cols the tower's patch merger divides (or
+    its pooling kernel: Gemma 4's tower averages k x k patches into one)."""
+    merge = merge_size(config)
     return 1, 2 * merge, 2 * merge
 
 
@@ -156,7 +201,13 @@ def _grid_thw(config: Any, device: Any) -> torch.Tensor:
 
 def _hidden_states(config: Any, device: Any) -> torch.Tensor:
     """A tower fed by another: flattened patches for a Qwen-VL-style vision tower (one row per
-    patch of `_grid`), otherwise hidden states of its width."""
+    patch of `_grid`), mel frames for an audio encoder whose config sizes its input (Phi-4's
+    `input_size`), otherwise hidden states of its width."""
+    mels = getattr(config, "input_size", None)
+    if isinstance(mels, int) and "audio" in str(getattr(config, "model_type", "")):
+        return torch.zeros(1, 4 * SEQ_LEN, mels, device=device)
+    if isinstance(getattr(config, "mel_dim", None), int):  # a code-to-mel DiT denoises mel frames
+        return _mel_frames("mel_dim")(config, device)
     patch = getattr(config, "patch_size", None)
     if patch and getattr(config, "temporal_patch_size", None):
         t, h, w = _grid(config)
@@ -208,6 +259,54 @@ def _patch_positions(config: Any, device: Any) -> torch.Tensor:
     return grid.reshape(1, rows * cols, 2).to(device)
 
 
+def _state(config: Any, device: Any) -> torch.Tensor:
+    """A robot policy's proprioceptive state (PI0): one row of `max_state_dim` values."""
+    return torch.zeros(1, int(getattr(config, "max_state_dim", None) or 32), device=device)
+
+
+def _rows(width_key: str | None, default: int) -> Maker:
+    """SEQ_LEN rows, each `config.<width_key>` wide: a trajectory's steps (Decision Transformer's
+    states, actions, rewards) or an image's detected regions (LXMERT's features and boxes)."""
+    return lambda config, device: torch.zeros(
+        1, SEQ_LEN, int(getattr(config, width_key or "", None) or default), device=device)
+
+
+def _feature_map(config: Any, side: int) -> torch.Tensor:
+    return torch.zeros(1, _hidden(config), side, side)
+
+
+def _vision_tokens(config: Any, device: Any) -> torch.Tensor:
+    """A DETR decoder's flattened image features (SAM 3's): a 4 x 4 map, (batch, 16, hidden)."""
+    return _feature_map(config, 4).flatten(2).transpose(1, 2).to(device)
+
+
+def _feature_levels(config: Any, device: Any) -> list[torch.Tensor]:
+    """Feature maps of a pyramid, finest first, the coarsest 2 x 2 so that its tokens fit in the
+    SEQ_LEN encoder states read beside them (SAM 3's mask decoder: one level per upsampling)."""
+    levels = int(getattr(config, "num_upsampling_stages", None) or 0) + 1
+    return [_feature_map(config, 2 ** (levels - i)).to(device) for i in range(levels)]
+
+
+def _code_frames(config: Any) -> int:
+    """Mel frames of a code-to-mel DiT (Qwen2.5-Omni's): `repeats` per code of SEQ_LEN codes."""
+    return SEQ_LEN * int(getattr(config, "repeats", None) or 1)
+
+
+def _mel_frames(width_key: str) -> Maker:
+    """Qwen2.5-Omni's DiT: mel-rate frames `config.<width_key>` wide (noisy mels, the speaker's
+    reference mels, the speaker embedding per frame)."""
+    return lambda config, device: torch.zeros(1, _code_frames(config), int(getattr(config, width_key)),
+                                              device=device)
+
+
+def _dit(config: Any) -> Any:
+    return getattr(config, "dit_config", None) or config
+
+
+def _docs(config: Any) -> int:
+    return int(getattr(config, "n_docs", None) or 1)
+
+
 # Parameter name -> maker. Order is the order inputs are passed in.
 MAKERS: dict[str, Maker] = {
     "input_ids": _input_ids,
@@ -252,9 +351,48 @@ MAKERS: dict[str, Maker] = {
     "inputs": _embeds,  # Perceiver without a preprocessor
     "audio_input_ids": _ids(SEQ_LEN),
     "attention_mask": lambda config, device: torch.ones(1, SEQ_LEN, dtype=torch.long, device=device),
+    "state": _state,
+    "lang_ids": lambda config, device: torch.zeros(1, dtype=torch.long, device=device),  # X-MOD's adapters
+    # Moshi's depth decoder: the main decoder's states (`input_size` wide) that condition it
+    "last_hidden_state": lambda config, device: torch.zeros(
+        1, SEQ_LEN, int(getattr(config, "input_size", None) or _hidden(config)), device=device),
+    # Towers of a detector loaded alone (SAM 3's DETR encoder/decoder, mask decoder)
+    "vision_features": _vision_tokens,
+    "text_features": _embeds,
+    "decoder_queries": _query_embeds,
+    # RAG without a retriever: the retrieved passages (`n_docs` per question) and their scores
+    "context_input_ids": lambda config, device: torch.zeros(_docs(config), SEQ_LEN, dtype=torch.long, device=device),
+    "context_attention_mask": lambda config, device: torch.ones(
+        _docs(config), SEQ_LEN, dtype=torch.long, device=device),
+    "doc_scores": lambda config, device: torch.zeros(1, _docs(config), device=device),
+    # Qwen2.5-Omni's code-to-mel DiT: codes, the speaker's reference mels and embedding, a time
+    "quantized_code": _ids(SEQ_LEN),
+    "condition_vector": _mel_frames("mel_dim"),
+    "speaker_embedding": _mel_frames("enc_emb_dim"),
+    "time_step": lambda config, device: torch.zeros(1, device=device),
+    # ... and the whole Token2Wav (DiT, then BigVGAN): codes, the speaker's vector, reference mels
+    "code": _ids(SEQ_LEN),
+    "conditioning": lambda config, device: torch.zeros(1, _dit(config).enc_emb_dim, device=device),
+    "reference_mel": lambda config, device: _mel_frames("mel_dim")(_dit(config), device),
+    "visual_feats": _rows("visual_feat_dim", 2048),
+    "visual_pos": _rows("visual_pos_dim", 4),
+    "states": _rows("state_dim", 17),
+    "actions": _rows("act_dim", 4),
+    "rewards": _rows(None, 1),
+    "returns_to_go": _rows(None, 1),
+    "timesteps": lambda config, device: torch.zeros(1, SEQ_LEN, dtype=torch.long, device=device),
 }
+# Parameters typed `list[Tensor]`: multi-level feature maps (a tensor maker's value is then the
+# one level of a list).
+LISTS: dict[str, Callable[[Any, Any], list[torch.Tensor]]] = {
+    "vision_features": lambda config, device: [_feature_map(config, 4).to(device)],
+    "backbone_features": _feature_levels,
+}
+# A trajectory model (Decision Transformer) reads all of these or none.
+_TRAJECTORY = ("states", "actions", "rewards", "returns_to_go", "timesteps")
 # Optional inputs worth passing: each decides whether a part of the model runs at all.
-_WANTED = ("input_ids", "bbox", "pixel_values", "input_values", "input_features", "flattened_patches")
+_WANTED = ("input_ids", "bbox", "pixel_values", "input_values", "input_features", "flattened_patches",
+           "lang_ids", "last_hidden_state")
 # Mask -> the input it masks: passed with that input, left out without it.
 _MASKS = {"input_features_mask": "input_features", "feature_attention_mask": "input_features"}
 # Pixels or audio beside text: tried first, then text alone (media tokens must match features).
@@ -267,24 +405,116 @@ def input_candidates(model: nn.Module, device: torch.device | str = "meta") -> l
     if config is None or not hasattr(config, "to_dict"):
         return []
     params = _parameters(model)
-    names = [n for n in MAKERS if n in params and _wanted(n, params, config, model)]
+    lists = _list_typed(model)
+    names = [n for n in (*MAKERS, *LISTS) if n in params and _wanted(n, params, config, model)]
+    names = list(dict.fromkeys(n for n in names if n in MAKERS or n in lists))
+    names += _documented_only(model, params, lists)
     if not names:
         return []
     options = (("use_cache", False),) if "use_cache" in params else ()
+    options += tuple((n, None) for n in _nullable_required(model) if n not in names and n not in DERIVED)
+    derived = [n for n in DERIVED if n in params and (params[n] or all(d in params for d in DERIVED[n][0]))]
     calls = [names]
     optional = [n for n in _MODALITIES if n in names and not params[n]]
     if "input_ids" in names and optional:
         calls.append([n for n in names if n not in optional])
     if "input_values" in names and "input_features" in names and not params["input_features"]:
         calls += [[n for n in call if n != "input_features"] for call in list(calls)]  # either audio form
+    if "grid_thw" in names and not params["grid_thw"]:
+        calls += [[n for n in call if n != "grid_thw"] for call in list(calls)]
     if "encoder_hidden_states" in names and not params["encoder_hidden_states"]:
         calls += [[n for n in call if n != "encoder_hidden_states"] for call in list(calls)]
+    if "input_ids" in names and not params["input_ids"] and "inputs_embeds" in params:
+        calls.append([n if n != "input_ids" else "inputs_embeds" for n in calls[-1]])  # embeddings-only
     found = []
     for call in calls:
         call = [n for n in call if _MASKS.get(n, n) in call]
-        tensors = tuple((n, t) for n in call if (t := MAKERS[n](config, device)) is not None)
-        found += [ExampleInputs((), kwargs, options) for kwargs in (tensors, *variants(model, tensors))]
+        tensors = tuple((n, t) for n in call if (t := _make(model, n, n in lists, device)) is not None)
+        for kwargs in (_beside_prompt(tensors), *variants(model, _beside_prompt(tensors))):
+            kwargs = _with_query_tokens(config, kwargs)
+            made = dict(kwargs)
+            extra = {n: DERIVED[n][1](config, made) for n in derived
+                     if n not in made and all(d in made for d in DERIVED[n][0])}
+            extra = {n: v for n, v in extra.items() if v is not None}
+            if any(params[n] and n not in made and n not in extra for n in derived):
+                continue  # a required input with nothing to size it by
+            if any(n in AFTER_WITHOUT for n in extra):  # the call without them first, as before
+                found.append(_call(kwargs, options, {n: v for n, v in extra.items() if n not in AFTER_WITHOUT}))
+            found.append(_call(kwargs, options, extra))
+    if "use_cache" not in params and getattr(config, "use_cache", False) and _takes_kwargs(model):
+        # Last: the same calls without a cache, through **kwargs (a hybrid LM whose cache holds
+        # only linear-attention layers cannot say how long it is: GraniteMoeHybrid's)
+        found += [ExampleInputs(c.args, c.kwargs, (*c.options, ("use_cache", False))) for c in list(found)]
     return found
+
+
+def _call(kwargs: tuple[tuple[str, Any], ...], options: tuple[tuple[str, Any], ...],
+          extra: dict[str, Any]) -> ExampleInputs:
+    """One call: the made inputs, the derived ones (tensors and lists of them as inputs, other
+    values as constant options)."""
+    tensors = {n: v for n, v in extra.items() if isinstance(v, torch.Tensor | list)}
+    return ExampleInputs((), (*kwargs, *tensors.items()),
+                         (*options, *((n, v) for n, v in extra.items() if n not in tensors)))
+
+
+def _beside_prompt(inputs: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
+    """SegGPT stacks a prompt image (and its mask) over the input image into its configured
+    `image_size`: each of the three is then half as high."""
+    if "prompt_pixel_values" not in dict(inputs):
+        return inputs
+    halve = ("pixel_values", "prompt_pixel_values", "prompt_masks")
+    return tuple((n, t[..., : t.shape[-2] // 2, :].contiguous() if n in halve else t) for n, t in inputs)
+
+
+def _with_query_tokens(config: Any, inputs: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
+    """BLIP-2-style models put their `num_query_tokens` query outputs (per frame of a clip:
+    InstructBLIP-Video) where `input_ids` hold the image (video) token: the prompt leads with
+    that many of them, then SEQ_LEN text tokens."""
+    made = dict(inputs)
+    queries, pixels = getattr(config, "num_query_tokens", None), made.get("pixel_values")
+    if not isinstance(queries, int) or pixels is None or "input_ids" not in made:
+        return inputs
+    video = pixels.dim() == 5 and isinstance(getattr(config, "video_token_id", None), int)
+    token = getattr(config, "video_token_id" if video else "image_token_id", None)
+    if not isinstance(token, int):
+        return inputs
+    count = queries * (pixels.shape[1] if video else 1)
+    ids = torch.zeros(1, count + SEQ_LEN, dtype=torch.long, device=made["input_ids"].device)
+    ids[:, :count] = token
+    return tuple((n, ids if n == "input_ids" else t) for n, t in inputs)
+
+
+def _make(model: nn.Module, name: str, as_list: bool, device: Any) -> Any:
+    config = model.config
+    if name not in MAKERS and name not in LISTS:
+        return documented_tensor(model, name, _documented_sizes(config), device)
+    if as_list:
+        return LISTS[name](config, device) if name in LISTS else [MAKERS[name](config, device)]
+    return MAKERS[name](config, device)
+
+
+def _documented_sizes(config: Any) -> dict[str, int]:
+    """What the usual dimension names of a docstring shape mean for synthesized inputs."""
+    return {"batch_size": 1, "sequence_length": SEQ_LEN, "seq_len": SEQ_LEN,
+            "dim": _hidden(config), "hidden_size": _hidden(config)}
+
+
+def _documented_only(model: nn.Module, params: dict[str, bool], lists: set[str]) -> list[str]:
+    """Required inputs no maker knows whose docstring gives their shape (Molmo 2's adapter:
+    `image_features`, `pooled_patches_idx`): zeros in that shape (surgeon.models.documented)."""
+    known = {*MAKERS, *DERIVED, *lists}
+    sizes = _documented_sizes(model.config)
+    return [n for n, required in params.items() if required and n not in known
+            and documented_tensor(model, n, sizes, "meta") is not None]
+
+
+def _list_typed(model: nn.Module) -> set[str]:
+    """Parameters whose type hint is a list of tensors (`backbone_features: list[torch.Tensor]`)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params if str(p.annotation).startswith("list[")}
 
 
 def synthesize_inputs(model: nn.Module, device: torch.device | str = "meta") -> ExampleInputs | None:
@@ -296,7 +526,36 @@ def synthesize_inputs(model: nn.Module, device: torch.device | str = "meta") -> 
 def missing_inputs(model: nn.Module) -> tuple[str, ...]:
     """Required forward parameters no maker knows how to make (named in capture errors)."""
     params = _parameters(model)
-    return tuple(n for n, required in params.items() if required and n not in MAKERS)
+    lists = set(LISTS) & _list_typed(model)
+    known = {*MAKERS, *DERIVED, *lists, *_nullable_required(model), *_documented_only(model, params, lists)}
+    return tuple(_described(model, n) for n, required in params.items() if required and n not in known)
+
+
+def _described(model: nn.Module, name: str) -> str:
+    """`name`, with its type where that is an object no config can size (SAM 2 video's
+    `inference_session`, which its processor makes and updates frame by frame)."""
+    hint = inspect.signature(model.forward).parameters[name].annotation
+    if isinstance(hint, type) and not hint.__module__.startswith(("torch", "builtins", "inspect")):
+        return f"{name} (of type {hint.__name__}, not a tensor)"
+    return name
+
+
+def _takes_kwargs(model: nn.Module) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _nullable_required(model: nn.Module) -> tuple[str, ...]:
+    """Required parameters whose type hint allows None (`mask: Tensor | None`): passed as None."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    return tuple(p.name for p in params if p.default is inspect.Parameter.empty
+                 and p.annotation is not inspect.Parameter.empty and "None" in str(p.annotation))
 
 
 def _parameters(model: nn.Module) -> dict[str, bool]:
@@ -316,6 +575,14 @@ def _wanted(name: str, params: dict[str, bool], config: Any, model: nn.Module) -
         return True
     if name in _MASKS:
         return _MASKS[name] in params
+    if name in ("context_input_ids", "context_attention_mask", "doc_scores"):
+        return "context_input_ids" in params and "doc_scores" in params
+    if name in _TRAJECTORY:
+        return "states" in params and "returns_to_go" in params
+    if name in ("visual_feats", "visual_pos"):  # LXMERT: its vision stream needs both
+        return "visual_feats" in params and "visual_pos" in params
+    if name == "grid_thw":  # patches need their grid (PaddleOCR-VL's tower takes it optionally)
+        return "pixel_values" in params
     if name in ("spatial_shapes", "pixel_attention_mask"):  # NaFlex (SigLIP 2): patches need their grid
         return "spatial_shapes" in params and "pixel_values" in params
     if name == "decoder_input_ids":

@@ -254,7 +254,7 @@ def _load_tiny(spec: str) -> LoadedModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         try:
-            shrunk = shrink_config_dict(config.to_dict())
+            shrunk = _rederived(type(config), config.to_dict(), shrink_config_dict(config.to_dict()))
             sections = _mrope_default(config)
             if sections:
                 shrunk = fit_mrope(shrunk, sections)
@@ -270,6 +270,45 @@ def _load_tiny(spec: str) -> LoadedModel:
                              f"{type(error).__name__}: {_reason(error)}") from None
     model.eval()
     return LoadedModel(model, None, spec, None)
+
+
+def _rederived(config_class: Any, before: dict, shrunk: dict) -> dict:
+    """`shrunk`, where a size the config class derives from others and the shrinking left at its
+    full value is derived again from the tiny sizes: a field whose default is None (X-Codec's
+    `codebook_dim`, the sum of its towers' widths), or an attribute `__post_init__` sets that
+    `to_dict` then carries (Dots3's `conv_output_size`) where every other such attribute agrees
+    with its derivation (BROS's bbox widths derive from each other: none is taken alone). A
+    derivation that leaves a width under 8 (Olmo-Hybrid's linear head dims) is not taken."""
+    import dataclasses
+
+    try:
+        fields = {f.name: f.default for f in dataclasses.fields(config_class)}
+    except TypeError:
+        return shrunk
+    sizes = [k for k, v in shrunk.items() if isinstance(v, int) and not isinstance(v, bool)]
+    attributes = {k for k in sizes if k not in fields and not k.startswith("_")}
+    stale = [k for k in sizes if shrunk[k] == before.get(k) and shrunk[k] > 64
+             and (k in attributes or (k in fields and fields[k] is None))]
+    out = dict(shrunk)
+    clean = _built(config_class, {k: v for k, v in shrunk.items() if k not in attributes}) if attributes else None
+    for key in stale:
+        if key in attributes:
+            others = [k for k in attributes if k != key and isinstance(getattr(clean, k, None), int)]
+            if clean is None or any(getattr(clean, k) != shrunk[k] for k in others):
+                continue
+            derived = getattr(clean, key, None)
+        else:
+            derived = getattr(_built(config_class, {**out, key: None}), key, None)
+        if isinstance(derived, int) and not isinstance(derived, bool) and 8 <= derived < out[key]:
+            out[key] = derived
+    return out
+
+
+def _built(config_class: Any, values: dict) -> Any:
+    try:
+        return config_class.from_dict(values)
+    except Exception:  # noqa: BLE001 - a config that cannot derive them keeps the values
+        return None
 
 
 def _reason(error: BaseException) -> str:
@@ -343,8 +382,20 @@ def _class_of_config(spec: str, config: Any) -> Any:
              and cls.config_class is type(config) and not cls.__name__.endswith("PreTrainedModel")]
     if not found:
         raise ModelError(f"model '{spec}': transformers has no model class for '{config.model_type}'")
-    # The bare model before any task head: the shortest name, e.g. Blip2VisionModel.
-    return min(found, key=lambda cls: (("For" in cls.__name__), len(cls.__name__)))
+    # The bare model before any task head: the shortest name, e.g. Blip2VisionModel; one whose forward
+    # takes the model's main input (pixel_values) before an inner stack that takes hidden states
+    # (LW-DETR's ViT: its Backbone, not its Encoder).
+    return min(found, key=lambda cls: (("For" in cls.__name__), not _takes_main_input(cls), len(cls.__name__)))
+
+
+def _takes_main_input(cls: Any) -> bool:
+    import inspect
+
+    try:
+        names = list(inspect.signature(cls.forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return True
+    return bool(names) and names[0] == getattr(cls, "main_input_name", None)
 
 
 # --------------------------------------------------------------------------- py:<module>:<factory>
