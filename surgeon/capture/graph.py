@@ -3,10 +3,11 @@
 `torch.export.export(strict=False)` is the front end (transformers 5 models do not
 `symbolic_trace`); `torch.fx.symbolic_trace` is the fallback for plain modules. Capture always
 works on a copy of the model on the meta device, so it allocates no weight memory and never
-changes the user's model. The one exception: where export fails on shapes read from input values
-(an image grid's `.tolist()`, a length's `.item()`; the meta device has no values), a model of
-up to `REAL_COPY_BYTES` is exported again from a real copy with real inputs by
-`torch.export.draft_export`, which settles those branches by the values.
+changes the user's model. The one exception: where export on meta fails (shapes read from input
+values: an image grid's `.tolist()`, a length's `.item()`; the meta device has no values, and
+some forwards trip over meta or fake tensors in other ways), a model of up to `REAL_COPY_BYTES`
+is exported again from a real copy with real inputs by `torch.export.draft_export`, which settles
+those branches by the values, then by plain non-strict export where draft export itself fails.
 
 Repeated blocks (the `layers` of a transformer) are captured once per distinct structure: every
 other block of the same structure is short-circuited during the trace (its forward returns its
@@ -60,7 +61,7 @@ class Capture:
 
     graph: torch.fx.GraphModule
     prefix: str  # prefix of module paths in node meta / get_attr targets ("m." under the wrapper)
-    frontend: str  # "export-blocks", "export", "draft-export(-blocks)" or "symbolic_trace"
+    frontend: str  # "export(-blocks)", "draft-"/"real-export(-blocks)" or "symbolic_trace"
     stand_ins: Mapping[str, str]  # short-circuited block path -> path of the block captured for it
     model: nn.Module  # the meta copy that was traced (paths in the graph resolve against it)
     inputs: tuple[str, ...] = ()  # the model's name for each graph placeholder, in order
@@ -103,7 +104,7 @@ def capture(model: nn.Module, example_inputs: Any = None, *, blocks: bool = True
 
     Tries, in order: export with stand-ins for repeated blocks, export of the whole model (each
     with every candidate call, most complete first), the same on a real copy with real inputs
-    when export failed on data-dependent shapes (`_capture_with_values`), `symbolic_trace` (its
+    when those failed (`_capture_with_values`), `symbolic_trace` (its
     capture carries a caveat: roles read from it are uncertain). Raises `CaptureError` with every front end's
     reason when none works.
     """
@@ -118,10 +119,9 @@ def capture(model: nn.Module, example_inputs: Any = None, *, blocks: bool = True
                 return _export(meta_copy(model).eval(), inputs, use_blocks, frontend)
             except Exception as error:  # noqa: BLE001 - any tracing failure moves to the next try
                 reasons.append(f"{frontend}: {_first_line(error)}")
-    if any("data-dependent" in reason for reason in reasons):
-        found = _capture_with_values(model, example_inputs, attempts, reasons)
-        if found is not None:
-            return found
+    found = _capture_with_values(model, example_inputs, attempts, reasons)
+    if found is not None:
+        return found
     try:
         meta = meta_copy(model).eval()
         return Capture(torch.fx.symbolic_trace(meta), "", "symbolic_trace", {}, meta,
@@ -145,8 +145,8 @@ def _capture_with_values(model: nn.Module, example_inputs: Any, attempts: Any,
         return None
     size = sum(t.numel() * t.element_size() for t in tensors)
     if size > REAL_COPY_BYTES:
-        reasons.append(f"draft-export: not tried: the model's shapes depend on input values, which "
-                       f"needs a real copy, and it holds {size / 2**30:.1f} GiB (the limit is "
+        reasons.append(f"draft-export: not tried: export on the meta device failed, retrying on "
+                       f"input values needs a real copy, and it holds {size / 2**30:.1f} GiB (the limit is "
                        f"{REAL_COPY_BYTES / 2**30:.0f} GiB); {INPUT_HINT}")
         return None
     if example_inputs is None:
@@ -155,11 +155,12 @@ def _capture_with_values(model: nn.Module, example_inputs: Any, attempts: Any,
         candidates = [_copied(from_user(model, example_inputs))]
     for use_blocks, frontend in attempts:
         for inputs in candidates:
-            try:
-                copied = copy.deepcopy(model).eval()
-                return _export(copied, inputs, use_blocks, f"draft-{frontend}", draft=True)
-            except Exception as error:  # noqa: BLE001 - as above
-                reasons.append(f"draft-{frontend}: {_first_line(error)}")
+            for mode in ("draft", "real"):  # draft export itself fails on some unbacked sizes
+                try:
+                    copied = copy.deepcopy(model).eval()
+                    return _export(copied, inputs, use_blocks, f"{mode}-{frontend}", mode=mode)
+                except Exception as error:  # noqa: BLE001 - as above
+                    reasons.append(f"{mode}-{frontend}: {_first_line(error)}")
     return None
 
 
@@ -222,7 +223,9 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 
 def _export(meta: nn.Module, inputs: ExampleInputs, use_blocks: bool, frontend: str,
-            draft: bool = False) -> Capture:
+            mode: str = "meta") -> Capture:
+    """Export `meta` on `inputs`: on the meta device ("meta"), or a real copy on real values by
+    `torch.export.draft_export` ("draft") or by plain non-strict export ("real")."""
     stand_ins = _install_stand_ins(meta) if use_blocks else {}
     if use_blocks and not stand_ins:
         raise CaptureError("no repeated blocks to short-circuit")
@@ -233,8 +236,8 @@ def _export(meta: nn.Module, inputs: ExampleInputs, use_blocks: bool, frontend: 
     levels = [log.level for log in loggers]
     for log in loggers:
         log.setLevel(logging.CRITICAL)
-    export = torch.export.draft_export if draft else torch.export.export
-    device = contextlib.nullcontext() if draft else torch.device("meta")
+    export = torch.export.draft_export if mode == "draft" else torch.export.export
+    device = torch.device("meta") if mode == "meta" else contextlib.nullcontext()
     try:
         with torch.no_grad(), device, contextlib.redirect_stderr(io.StringIO()):
             program = export(_Wrapper(meta, inputs), inputs.flat(), strict=False)

@@ -445,7 +445,21 @@ def input_candidates(model: nn.Module, device: torch.device | str = "meta") -> l
         # Last: the same calls without a cache, through **kwargs (a hybrid LM whose cache holds
         # only linear-attention layers cannot say how long it is: GraniteMoeHybrid's)
         found += [ExampleInputs(c.args, c.kwargs, (*c.options, ("use_cache", False))) for c in list(found)]
+    if "attention_mask" in params:
+        found += [c for c in map(_with_mask, found) if c is not None]
     return found
+
+
+def _with_mask(call: ExampleInputs) -> ExampleInputs | None:
+    """The call with an all-ones `attention_mask` for its tokens, tried after the calls without:
+    some forwards build the default mask only outside tracing (LongT5's local attention reads it
+    under export, where `is_torchdynamo_compiling()` skips making it)."""
+    made = dict(call.kwargs)
+    tokens = made.get("input_ids", made.get("inputs_embeds"))
+    if "attention_mask" in made or not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
+        return None
+    mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+    return ExampleInputs(call.args, (*call.kwargs, ("attention_mask", mask)), call.options)
 
 
 def _call(kwargs: tuple[tuple[str, Any], ...], options: tuple[tuple[str, Any], ...],

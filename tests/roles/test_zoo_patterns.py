@@ -396,3 +396,67 @@ class WithoutSkip(StateSpaceDuality):
         x, b, c = (heads(t) for t in torch.split(xbc, [D, D, D], dim=-1))
         y = ((c @ b.transpose(-1, -2)) * torch.tril(torch.ones(L, L, device=hidden.device))) @ x
         return self.out_proj(self.norm(merge(y)) * F.silu(z))
+
+
+class SizesMadeInForward(GridFromInput):
+    """Sizes read by `.tolist()` from a tensor the forward makes itself (Step3.5's vision tower,
+    `get_vision_position_ids`): made on the meta device during capture, it has no storage, so
+    export on meta fails outright ("unallocated storage"), not as a data-dependent guard; the
+    real copy still settles it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, : torch.tensor([L - 1]).tolist()[0]]
+        return F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)),
+                                              heads(self.v_proj(x)))
+
+
+def test_any_meta_export_failure_is_retried_on_a_real_copy() -> None:
+    model = SizesMadeInForward()
+    captured = capture(model, torch.randn(2, L, D))
+    assert captured.frontend.startswith(("draft-", "real-"))
+    attention = next(n for n in captured.graph.graph.nodes if "scaled_dot_product" in str(n.target))
+    assert attention.meta["val"].shape[-2] == L - 1  # sliced by the forward's own values
+    assert roles(model) == {"q_proj": "attn.q", "k_proj": "attn.k", "v_proj": "attn.v"}
+
+
+class MaskOnlyOutsideTracing(nn.Module):
+    """LongT5's encoder makes its default mask only when not compiling, then reads it: under
+    export the mask must be passed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig(vocab_size=32, hidden_size=D)
+        self.embed = nn.Embedding(32, D)
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None and not torch.compiler.is_compiling():
+            attention_mask = torch.ones_like(input_ids)
+        x = self.embed(input_ids) * attention_mask[..., None]
+        return F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)),
+                                              heads(self.v_proj(x)))
+
+
+def test_a_mask_the_forward_makes_only_outside_tracing_is_synthesized() -> None:
+    found = infer_roles(MaskOnlyOutsideTracing())
+    assert {p: str(r) for p, r in found.items() if p.endswith("proj")} == {
+        "q_proj": "attn.q", "k_proj": "attn.k", "v_proj": "attn.v"}
+    assert not any(r.uncertain for r in found.values())  # exported, not symbolically traced
+
+
+def test_where_draft_export_itself_fails_plain_export_runs_on_the_real_copy(monkeypatch) -> None:
+    """Draft export fails inside torch on some unbacked sizes (Inkling 2's vision tower): plain
+    non-strict export of the same real copy on the same values is tried next."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PendingUnbackedSymbolNotFound")
+
+    monkeypatch.setattr(torch.export, "draft_export", broken)
+    model = SizesMadeInForward()
+    captured = capture(model, torch.randn(2, L, D))
+    assert captured.frontend.startswith("real-")
+    attention = next(n for n in captured.graph.graph.nodes if "scaled_dot_product" in str(n.target))
+    assert attention.meta["val"].shape[-2] == L - 1
+    assert roles(model) == {"q_proj": "attn.q", "k_proj": "attn.k", "v_proj": "attn.v"}

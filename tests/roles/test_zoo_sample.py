@@ -35,6 +35,7 @@ SAMPLE = {
     "olmo_hybrid": "linear attention: q, k, v concatenated through one short conv, then split",
     "groupvit_vision_model": "assign attention: a hard assignment renormalised before it weighs v",
     "fsmt": "shapes read from input values: captured on a real copy (draft export)",
+    "step3p5_vision": "a tensor made in forward read by .tolist(): meta export fails, real copy retried",
 }
 # Architectures whose tiny config needed sizes kept consistent across sub-configs: the oracle is
 # that the model builds and its own forward runs (their roles are checked by the sweep).
