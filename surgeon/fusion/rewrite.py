@@ -10,8 +10,9 @@ only in how the shrink GEMM is blocked (float rounding).
 
 An adapter whose shrink reads anything else (its dropout's output, in training) keeps its own
 shrink; DoRA's branch fuses like LoRA's (its shrink is the same node). On a GPU the site graph's
-fused `kernels.lora_add` node becomes a shrink-free `expand_add`. The new placeholders carry the
-provenance role "shared_shrink" (they are no mixed-batch "rows").
+fused `kernels.lora_add` node (in a CPU eval graph, `lora_add_`) becomes a shrink-free
+`expand_add`. The new placeholders carry the provenance role "shared_shrink" (they are no
+mixed-batch "rows").
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import fx
 
 from surgeon import kernels
 from surgeon.kernels import reference
+from surgeon.runtime import graph as site_graph
 from surgeon.runtime.graph import META, compile_forward, copy_graph, tag
 
 _LINEAR = torch._C._nn.linear
@@ -35,6 +37,11 @@ def expand_add(prev: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: fl
 
         return lora.expand_add(prev, h, b, scaling)
     return reference.expand_add(prev, h, b, scaling)
+
+
+# Whole-branch calls `(prev, x, A, B, scaling)` -> their shrink-free half `(prev, h, B, scaling)`:
+# the GPU kernel's, and the CPU eval graph's in-place one (`surgeon.runtime.graph.lora_add_`).
+_WHOLE_BRANCH = {kernels.lora_add: expand_add, site_graph.lora_add_: site_graph.expand_add_}
 
 
 def _reads_input(node: object, x: fx.Node) -> bool:
@@ -52,7 +59,7 @@ def _shrink_of(node: fx.Node, x: fx.Node) -> tuple[str, fx.Node] | None:
         return None
     if node.target is _LINEAR and len(node.args) == 2:
         source, weight = node.args
-    elif node.target is kernels.lora_add:
+    elif node.target in _WHOLE_BRANCH:
         source, weight = node.args[1], node.args[2]
     else:
         return None
@@ -87,10 +94,10 @@ def without_shrinks(graph: fx.Graph, layer: object, adapters: tuple[str, ...]) -
         h = inputs[found[0]]
         if node.target is _LINEAR:
             node.replace_all_uses_with(h)
-        else:  # kernels.lora_add(prev, x, A, B, scaling) -> expand_add(prev, h, B, scaling)
+        else:  # lora_add(prev, x, A, B, scaling) -> expand_add(prev, h, B, scaling)
             prev, _, _, b, scaling = node.args
             with new.inserting_before(node):
-                fused = new.call_function(expand_add, (prev, h, b, scaling))
+                fused = new.call_function(_WHOLE_BRANCH[node.target], (prev, h, b, scaling))
             fused.meta[META] = dict(node.meta[META])
             node.replace_all_uses_with(fused)
         new.erase_node(node)

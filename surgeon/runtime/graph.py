@@ -217,10 +217,28 @@ def expand_add_(prev: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, alpha
     return prev
 
 
+def lora_add_(prev: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+              alpha: float) -> torch.Tensor:
+    """LoRA's whole eval branch, `prev += alpha * (x @ a.T) @ b.T`, written into `prev` (owned,
+    as for `expand_add_`). One input row (a decode step of one sequence) runs as two
+    matrix-vector products on flat views, `mv` then `addmv_`: about half the dispatch cost of
+    `linear` on 3-D inputs plus an `add`, which is most of a small layer's adapter cost. Any
+    other shape is the shrink and `expand_add_`."""
+    if (x.numel() == x.shape[-1] and type(prev) is torch.Tensor and prev.is_contiguous()
+            and not torch.compiler.is_compiling()):
+        prev.view(-1).addmv_(b, torch.mv(a, x.reshape(-1)), alpha=alpha)
+        return prev
+    return expand_add_(prev, torch._C._nn.linear(x, a), b, alpha)
+
+
+# Calls whose result is a fresh tensor the graph may write into (see `owned`).
+_WRITABLE = (torch._C._nn.linear, expand_add_, lora_add_)
+
+
 def owned(b: Builder, prev: fx.Node) -> bool:
     """Whether the tensor of `prev` is the graph's own to write into: made by an inlined base
-    `linear` or an earlier `expand_add_`, and read by no other node (only the anchor yet)."""
-    return (prev.op == "call_function" and prev.target in (torch._C._nn.linear, expand_add_)
+    `linear` or an earlier in-place branch, and read by no other node (only the anchor yet)."""
+    return (prev.op == "call_function" and prev.target in _WRITABLE
             and all(user is b.anchor for user in prev.users))
 
 

@@ -1,6 +1,7 @@
 """LoRA's expand and add as one `addmm` (`surgeon.runtime.graph.expand_add`), written into the
-base output in eval graphs where the graph owns it (`expand_add_`): against PEFT's layer (the
-oracle), and never into a tensor the graph does not own."""
+base output in eval graphs where the graph owns it (`lora_add_`: the whole branch in one call,
+matrix-vector products for a single input row): against PEFT's layer (the oracle), and never into
+a tensor the graph does not own."""
 
 from __future__ import annotations
 
@@ -44,10 +45,55 @@ def test_eval_writes_the_delta_into_the_base_output(kind: str, variant: str) -> 
     ours.eval()
     x = make_input(kind)
     before = x.clone()
-    assert graph.expand_add_ in _targets(ours) and torch.add not in _targets(ours)
+    assert graph.lora_add_ in _targets(ours) and torch.add not in _targets(ours)
     with torch.no_grad():
         assert max_diff(theirs(x), ours(x)) <= TOL
     assert torch.equal(x, before)
+
+
+# One row in the shapes a decode step brings: (batch 1, 1 token, in), a bare vector, a row seen
+# through a strided view (a slice of a wider tensor), and a single row of a 2-D batch.
+ONE_ROW = {
+    "1x1xin": lambda: torch.randn(1, 1, 8),
+    "vector": lambda: torch.randn(8),
+    "strided": lambda: torch.randn(1, 1, 16)[..., ::2],
+    "1xin": lambda: torch.randn(1, 8),
+}
+
+
+@pytest.mark.parametrize("shape", list(ONE_ROW))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_one_row_runs_matrix_vector_products_and_matches_peft(shape: str, variant: str,
+                                                             monkeypatch) -> None:
+    theirs, ours = pair("Linear", VARIANTS[variant])
+    theirs.eval()
+    ours.eval()
+    calls = []
+    monkeypatch.setattr(torch, "mv", lambda *a, _mv=torch.mv: calls.append(1) or _mv(*a))
+    x = ONE_ROW[shape]()
+    before = x.clone()
+    with torch.no_grad():
+        got = ours(x)
+        assert max_diff(theirs(x), got) <= TOL and got.shape == theirs(x).shape
+    assert calls, "a single row should take the matrix-vector path"
+    assert torch.equal(x, before)
+
+
+def test_one_row_gradients_match_peft_in_eval_mode() -> None:
+    """Eval mode with autograd on (saliency, an input's gradient): the in-place `addmv_` into
+    the base output is still differentiable."""
+    theirs, ours = pair("Linear", VARIANTS["rslora"])
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(1, 1, 8, requires_grad=True)
+    x_theirs = x.detach().clone().requires_grad_(True)
+    theirs(x_theirs).square().sum().backward()
+    ours(x).square().sum().backward()
+    assert max_diff(x.grad, x_theirs.grad) <= TOL
+    ours_grads = dict(ours.named_parameters())
+    for name, p in theirs.named_parameters():
+        if p.grad is not None:
+            assert max_diff(ours_grads[name].grad, p.grad) <= TOL, name
 
 
 def test_two_adapters_chain_into_one_output() -> None:
@@ -60,10 +106,10 @@ def test_two_adapters_chain_into_one_output() -> None:
     ours.set_adapter(["default", "other"])
     theirs.eval()
     ours.eval()
-    assert _targets(ours).count(graph.expand_add_) == 2
-    x = make_input("Linear")
-    with torch.no_grad():
-        assert max_diff(theirs(x), ours(x)) <= TOL
+    assert _targets(ours).count(graph.lora_add_) == 2
+    for x in (make_input("Linear"), ONE_ROW["1x1xin"]()):
+        with torch.no_grad():
+            assert max_diff(theirs(x), ours(x)) <= TOL
 
 
 def test_a_base_output_the_graph_does_not_own_is_never_written() -> None:
@@ -74,7 +120,7 @@ def test_a_base_output_the_graph_does_not_own_is_never_written() -> None:
     base.register_forward_hook(lambda _m, _i, out: kept.append(out) or out)
     layer = AdaptedLayer(base, Variant().site("Linear")).eval()
     randomise(layer, "default")
-    assert graph.expand_add_ not in _targets(layer)
+    assert graph.expand_add_ not in _targets(layer) and graph.lora_add_ not in _targets(layer)
     x = make_input("Linear")
     with torch.no_grad():
         out = layer(x)
@@ -89,7 +135,7 @@ def test_training_adds_out_of_place_and_gradients_match_peft(kind: str) -> None:
     theirs, ours = pair(kind, VARIANTS["rslora"])
     theirs.train()
     ours.train()
-    assert graph.expand_add in _targets(ours) and graph.expand_add_ not in _targets(ours)
+    assert graph.expand_add in _targets(ours) and graph.lora_add_ not in _targets(ours)
     x = make_input(kind).requires_grad_(True)
     x_theirs = x.detach().clone().requires_grad_(True)
     theirs(x_theirs).square().sum().backward()

@@ -231,6 +231,9 @@ class Lora:
             return b.as_result(b.call(kernels.lora_add, prev, dropped, b.attr(f"lora_A.{adapter}.weight"),
                                       b.attr(f"lora_B.{adapter}.weight"), site.scaling))
         expand_add = _expand_add(b, adapter, prev) if rows is None else None
+        if expand_add is graph.expand_add_:  # eval, into the base output: one call
+            return b.as_result(b.call(graph.lora_add_, prev, dropped, b.attr(f"lora_A.{adapter}.weight"),
+                                      b.attr(f"lora_B.{adapter}.weight"), site.scaling))
         if expand_add is not None:
             h = b.call(torch._C._nn.linear, dropped, b.attr(f"lora_A.{adapter}.weight"))
             return b.as_result(b.call(expand_add, prev, h, b.attr(f"lora_B.{adapter}.weight"),
