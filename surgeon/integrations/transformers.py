@@ -32,7 +32,6 @@ import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MethodType
 
 from torch import nn
 
@@ -185,6 +184,26 @@ def _load_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *_: object)
 # --------------------------------------------------------------------------- attach / detach
 
 
+class _Bound:
+    """One of these functions bound to its model, as a method would be, but picklable: a bound
+    function pickles as `getattr(model, fn.__name__)`, which on loading finds no such attribute
+    (or transformers' own method). This one pickles as its name and the model."""
+
+    __slots__ = ("model", "name")
+
+    def __init__(self, name: str, model: nn.Module) -> None:
+        self.name, self.model = name, model
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        return _FUNCTIONS[self.name](self.model, *args, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        return _Bound, (self.name, self.model)
+
+    def __repr__(self) -> str:
+        return f"<surgeon's {self.name} of {type(self.model).__name__}>"
+
+
 def _refuse_nested_save(self: nn.Module, *_: object, **__: object) -> dict:
     path, outer = self.__dict__[_GUARD]
     raise AdapterSaveError(
@@ -193,6 +212,9 @@ def _refuse_nested_save(self: nn.Module, *_: object, **__: object) -> dict:
         "whose adapted layers reload random. Apply the spec to the transformers model itself "
         f"(`surgeon.apply(spec, model.get_submodule({path!r}))`), or save with "
         "`surgeon.save_pretrained(model, path)`")
+
+
+_FUNCTIONS: dict[str, Callable[..., object]] = {**_METHODS, "refuse_nested_save": _refuse_nested_save}
 
 
 def _guard_inner(host: nn.Module) -> None:
@@ -207,7 +229,7 @@ def _guard_inner(host: nn.Module) -> None:
         if any(is_wrapper(m) for m in module.modules()):
             module.__dict__[_GUARD] = (path, type(host).__name__)
             module.__dict__[_FLAG] = True
-            module.__dict__["get_adapter_state_dict"] = MethodType(_refuse_nested_save, module)
+            module.__dict__["get_adapter_state_dict"] = _Bound("refuse_nested_save", module)
 
 
 def attach(host: nn.Module, ops: Ops) -> None:
@@ -221,8 +243,8 @@ def attach(host: nn.Module, ops: Ops) -> None:
     host.__dict__[_OPS] = ops
     host.__dict__[_FLAG] = True
     host.__dict__["peft_config"] = AdapterConfigs(host, ops)
-    for name, fn in _METHODS.items():
-        host.__dict__[name] = MethodType(fn, host)
+    for name in _METHODS:
+        host.__dict__[name] = _Bound(name, host)
     # the handle's id, not the handle: a deep copy of the model keeps the id (its hook dict is
     # copied) while a copied handle would still point at the original's hooks
     host.__dict__[_HOOK] = host.register_load_state_dict_pre_hook(_load_pre_hook).id

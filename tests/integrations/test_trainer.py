@@ -218,3 +218,25 @@ def test_transformers_adapter_methods_act_on_surgeon_adapters(tmp_path):
     model.enable_adapters()
     model.delete_adapter("other")
     assert list(model.peft_config) == ["default"]
+
+
+def test_a_pickled_model_loads_and_keeps_its_adapter_protocol(tmp_path):
+    """`torch.save(model)` pickles the whole module: the protocol methods bound on the instance
+    must come back as surgeon's (a bound function would unpickle as `getattr(model, name)`, which
+    failed: `_active_adapters`), and the loaded model must compute and save as the original."""
+    import io
+
+    base = _base(tmp_path / "base")
+    model = _adapted(base)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(_logits(loaded), _logits(model))
+    assert loaded.active_adapters() == ["default"] and loaded.active_adapters.model is loaded
+    loaded.save_pretrained(tmp_path / "loaded")
+    torch.testing.assert_close(_peft_logits(base, tmp_path / "loaded"), _logits(model), atol=1e-5, rtol=0)
