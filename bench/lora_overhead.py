@@ -1,7 +1,7 @@
 """LoRA overhead, surgeon vs peft, on the same tiny llama in one process.
 
     python bench/lora_overhead.py                 # the full run (a few minutes on CPU)
-    python bench/lora_overhead.py --device cuda   # on a GPU (adds peak memory)
+    python bench/lora_overhead.py --device cuda   # on a GPU (peak memory: CUDA allocator's)
     python bench/lora_overhead.py --smoke         # seconds: checks the harness end to end
 
 For each case (LoRA on q,v / LoRA on all linear layers / DoRA on all linear layers) both
@@ -15,7 +15,9 @@ then measures, interleaving surgeon and peft runs and taking medians:
     merged       the same two forwards after merging (ideally no overhead)
     merge        time to merge, and to unmerge; round-trip error of the base weights
     train step   forward + backward + AdamW step on 4x256 tokens (2x64 with --smoke)
-    peak memory  of that training step (CUDA only)
+    peak memory  extra peak of one training step and of one prefill forward (no_grad), median of
+                 alternated calls: the
+                 CUDA allocator's peak on a GPU, resident memory (VmHWM) on CPU (harness.py)
 
 plus a 4-layer hidden-1024 llama DoRA decode case, where DoRA's weight norm dominates. It
 prints a table of ratios (surgeon / peft; below 1 means surgeon is faster) and one JSON line.
@@ -37,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Timing, clock, interleaved, once_each, paired_ratios, peak_memory
+from harness import Timing, clock, interleaved, once_each, paired_ratios, peak_memories, rss_unavailable
 
 SIDES = ("surgeon", "peft")
 
@@ -148,6 +150,16 @@ def overheads(models: dict, base, shape: tuple[int, int], device, timing: Timing
     return {side: seconds[side] / seconds["base"] - 1 for side in models} | {"base_ms": seconds["base"] * 1e3}
 
 
+def forward_peaks(models: dict, base, shape: tuple[int, int], device,
+                  repeats: int = 5) -> dict[str, float | None]:
+    """Extra peak memory (MiB) of one no-grad forward of each model and of the base, median of
+    `repeats` alternated calls (warm: one-time buffers are not the forward's own)."""
+    ids = torch.randint(0, 2048, shape, device=device, generator=torch.Generator(device).manual_seed(0))
+    calls = {name: (lambda m=m: m(ids)) for name, m in {"base": base, **models}.items()}
+    with torch.no_grad():
+        return peak_memories(calls, device, repeats)
+
+
 def train_step(model, shape: tuple[int, int], device):
     ids = torch.randint(0, 2048, shape, device=device, generator=torch.Generator(device).manual_seed(0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -173,6 +185,7 @@ def run_case(case: Case, base, shape: Shape, device, timing: Timing) -> dict:
     if "prefill" in case.metrics:
         out["prefill_overhead"] = overheads(models, base, shape.prefill, device, timing)
         out["prefill_flops_share"] = {"value": flops_share(base, models["surgeon"], shape.prefill[1])}
+        out["prefill_peak_mib"] = forward_peaks(models, base, shape.prefill, device, timing.repeats)
     if "merge" in case.metrics:
         out.update(measure_merge(models, base, shape, device, timing))
     if "train" in case.metrics:
@@ -181,7 +194,7 @@ def run_case(case: Case, base, shape: Shape, device, timing: Timing) -> dict:
         steps = {side: train_step(m, shape.train, device) for side, m in models.items()}
         out["train_step_ms"] = {k: v * 1e3 for k, v in interleaved(
             steps, device, Timing(max(timing.repeats // 2, 1), 1, 1)).items()}
-        out["train_peak_mib"] = {side: peak_memory(step, device) for side, step in steps.items()}
+        out["train_peak_mib"] = peak_memories(steps, device, timing.repeats)
     return out
 
 
@@ -323,8 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# surgeon / peft on llama hidden={shape.hidden} layers={shape.layers}, "
           f"{WIDE_DORA.name}: hidden={wide.hidden}; device={device}; torch {torch.__version__}")
     print_table(results)
+    memory = "CUDA allocator peak" if device.type == "cuda" else rss_unavailable() or "resident (VmHWM)"
+    print(f"# peak memory: {memory}")
     meta = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "smoke": args.smoke}
+            "threads": torch.get_num_threads(), "smoke": args.smoke, "peak_memory": memory}
     print(json.dumps({"bench": "lora_overhead", **meta, "results": results}, sort_keys=True))
     return 0
 

@@ -9,7 +9,8 @@ identical random weights, PEFT's in-memory names), then run `model(ids, adapter_
 with row i using adapter i mod N, under `torch.no_grad()` in eval mode, interleaved with the
 base model and a single-adapter forward of the same batch. Printed: milliseconds per forward,
 surgeon's throughput over peft's (above 1 means surgeon is faster), peft's time over the base
-model divided by surgeon's (the adapters' own cost), and the max |difference| of
+model divided by surgeon's (the adapters' own cost), the extra peak memory of one mixed forward
+(resident memory, median of alternated calls: harness.peak_memories), and the max |difference| of
 the logits (surgeon gathers all adapters into one batched matmul per layer, peft loops over
 them); then one q_proj's mixed call alone, in us over its bare nn.Linear (fastest of the paired
 rounds): the gather-matmul against peft's loop without routing or the base model. One JSON line
@@ -29,8 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Timing, interleaved, paired_ratios
-from lora_overhead import Shape, llama
+from harness import Timing, interleaved, paired_ratios, peak_memories, rss_unavailable
+from lora_overhead import SIDES, Shape, llama
 
 
 def adapt_both(base, n: int):
@@ -75,6 +76,9 @@ def measure(shape: Shape, n: int, rows: int, seq: int, timing: Timing) -> dict:
             "peft_one": lambda: theirs(ids),
         }, torch.device("cpu"), timing)
         us = layer_us(ours, theirs, per_row, seq, shape.hidden, timing)
+        peak = peak_memories({"base": lambda: base(ids), "surgeon": lambda: ours(ids, adapter_names=per_row),
+                              "peft": lambda: theirs(ids, adapter_names=per_row)},
+                             torch.device("cpu"), timing.repeats)
     ms = {k: v * 1e3 for k, v in seconds.items()}
     return {"hidden": shape.hidden, "layers": shape.layers, "adapters": n, "rows": rows,
             "seq": seq, "ms": ms, "throughput_vs_peft": ms["peft"] / ms["surgeon"],
@@ -82,7 +86,7 @@ def measure(shape: Shape, n: int, rows: int, seq: int, timing: Timing) -> dict:
             "overhead_vs_peft": ((ms["peft"] - ms["base"]) / (ms["surgeon"] - ms["base"])
                                  if ms["surgeon"] > ms["base"] else float("inf")),
             "single_adapter_vs_peft": ms["peft_one"] / ms["surgeon_one"], "max_abs_diff": diff,
-            "q_proj_us": us}
+            "q_proj_us": us, "peak_mib": peak}
 
 
 def layer_us(ours, theirs, per_row: list[str], seq: int, hidden: int, timing: Timing) -> dict:
@@ -120,19 +124,22 @@ def main(argv: list[str] | None = None) -> int:
         timing, n, rows = Timing(9, 3, 2), args.adapters, args.rows
     results = [measure(shape, n, rows, seq, timing) for shape, seq in runs]
     print(f"{'llama':<10}{'adapters x rows':>18}{'base ms':>9}{'surgeon ms':>12}{'peft ms':>9}"
-          f"{'throughput s/p':>16}{'overhead p/s':>14}{'max|diff|':>11}{'q_proj over Linear us s/p':>27}")
+          f"{'throughput s/p':>16}{'overhead p/s':>14}{'max|diff|':>11}{'q_proj over Linear us s/p':>27}{'peak MiB s/p':>16}")
     for r in results:
         ms = r["ms"]
         model = f"h{r['hidden']} x {r['layers']}"
         batch = f"{r['adapters']} x {r['rows']} (seq {r['seq']})"
         us = r["q_proj_us"]
         layer = f"{us['surgeon'] - us['linear']:.0f} / {us['peft'] - us['linear']:.0f}"
+        peak = " / ".join("n/a" if r["peak_mib"][k] is None else f"{r['peak_mib'][k]:.1f}" for k in SIDES)
         print(f"{model:<10}{batch:>18}"
               f"{ms['base']:>9.2f}{ms['surgeon']:>12.2f}{ms['peft']:>9.2f}"
               f"{r['throughput_vs_peft']:>15.2f}x{r['overhead_vs_peft']:>13.2f}x"
-              f"{r['max_abs_diff']:>11.1e}{layer:>27}")
+              f"{r['max_abs_diff']:>11.1e}{layer:>27}{peak:>16}")
+    memory = rss_unavailable() or "resident (VmHWM)"
+    print(f"# peak MiB: extra peak memory of one mixed forward, {memory}")
     meta = {"torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "smoke": args.smoke}
+            "threads": torch.get_num_threads(), "smoke": args.smoke, "peak_memory": memory}
     print(json.dumps({"bench": "mixed_batch", **meta, "results": results}, sort_keys=True))
     return 0
 
