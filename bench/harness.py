@@ -35,14 +35,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def clock(fn: Callable[[], object], device: torch.device, inner: int = 1) -> float:
-    """Seconds per call of `fn`, averaged over `inner` calls."""
+def clock(fn: Callable[[], object], device: torch.device, inner: int = 1,
+          timer: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds per call of `fn`, averaged over `inner` calls (`timer`: wall clock by default)."""
     sync(device)
-    start = time.perf_counter()
+    start = timer()
     for _ in range(inner):
         fn()
     sync(device)
-    return (time.perf_counter() - start) / inner
+    return (timer() - start) / inner
+
+
+def cpu_timer(device: torch.device) -> Callable[[], float]:
+    """This thread's CPU time where it measures the work (a CPU run with one torch thread: every
+    kernel runs on the calling thread), so that a shared machine's preemption does not count;
+    else the wall clock."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time
+    return time.perf_counter
 
 
 def interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
@@ -59,17 +69,18 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
 
 
 def paired_ratios(fns: dict[str, Callable[[], object]], base: str, device: torch.device,
-                  timing: Timing) -> dict[str, float]:
+                  timing: Timing, timer: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median over rounds of each function's time over `base`'s in the same round, minus 1 (its
     overhead), plus `min_s`: each one's fastest round in seconds per call. Pairing within a round
-    cancels most of a shared machine's slow moments; the minimum is the cost with the fewest."""
+    cancels most of a shared machine's slow moments; the minimum is the cost with the fewest.
+    `timer`: wall clock by default, `cpu_timer(device)` to leave preemption out."""
     for fn in fns.values():
         for _ in range(timing.warmup):
             fn()
     rounds: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(timing.repeats):
         for name, fn in fns.items():
-            rounds[name].append(clock(fn, device, timing.inner))
+            rounds[name].append(clock(fn, device, timing.inner, timer))
     out = {name: statistics.median(t / b - 1 for t, b in zip(ts, rounds[base], strict=True))
            for name, ts in rounds.items() if name != base}
     return out | {"min_s": {name: min(ts) for name, ts in rounds.items()}}

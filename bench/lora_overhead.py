@@ -39,7 +39,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Timing, clock, interleaved, once_each, paired_ratios, peak_memories, rss_unavailable
+from harness import (
+    Timing,
+    clock,
+    cpu_timer,
+    interleaved,
+    once_each,
+    paired_ratios,
+    peak_memories,
+    rss_unavailable,
+)
 
 SIDES = ("surgeon", "peft")
 
@@ -277,11 +286,13 @@ def print_table(results: dict) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def tiny_decode(device: torch.device, hidden: int = 64, layers: int = 2) -> int:
+def tiny_decode(device: torch.device, hidden: int = 64, layers: int = 2, rounds: int = 41) -> int:
     """Where Python per call dominates: the unmerged decode overhead of LoRA q,v (r=16) on a
-    hidden-64 2-layer llama (paired rounds, see `harness.paired_ratios`), and the cost of one
-    adapted q_proj over its bare nn.Linear (1x1x64 input) next to peft's. `hidden`/`layers`
-    run the same measurement on a wider model (the issue's 4-layer hidden-1024 one)."""
+    hidden-64 2-layer llama (`rounds` paired rounds, see `harness.paired_ratios`, timed in this
+    thread's CPU time at one thread), and the cost of one adapted q_proj over its bare nn.Linear
+    (1x1x64 input) next to peft's. `hidden`/`layers` run the same measurement on a wider model
+    (the issue's 4-layer hidden-1024 one, where the overheads are a few tenths of a percent of a
+    step: give it a few hundred rounds)."""
     from surgeon.runtime.adapted import AdaptedLayer
 
     base, case = llama(Shape(hidden, layers, (1, 1), (1, 1)), device), CASES[0]
@@ -293,17 +304,18 @@ def tiny_decode(device: torch.device, hidden: int = 64, layers: int = 2) -> int:
     x = torch.randn(1, 1, hidden, device=device)
     with torch.no_grad():
         decode = paired_ratios({"base": lambda: base(ids), "surgeon": lambda: models["surgeon"](ids),
-                                "peft": lambda: models["peft"](ids)}, "base", device, Timing(41, 10, 3))
+                                "peft": lambda: models["peft"](ids)}, "base", device,
+                               Timing(rounds, 10 if hidden <= 256 else 2, 3), cpu_timer(device))
         layer = paired_ratios({"linear": lambda: ours.base_layer(x), "surgeon": lambda: ours(x),
                                "peft": lambda: theirs(x)}, "linear", device, Timing(41, 100, 20))
     us = {k: v * 1e6 for k, v in layer["min_s"].items()}
     ratio = decode["surgeon"] / decode["peft"]
-    print(f"decode overhead over the base (median of 41 paired rounds): surgeon "
+    print(f"decode overhead over the base (median of {rounds} paired rounds): surgeon "
           f"{decode['surgeon']:+.1%}, peft {decode['peft']:+.1%}, surgeon/peft {ratio:.2f}x "
           f"(max|diff| {agree:.1e})")
     print(f"one q_proj call (fastest round): nn.Linear {us['linear']:.1f} us; over it: surgeon "
           f"+{us['surgeon'] - us['linear']:.1f} us, peft +{us['peft'] - us['linear']:.1f} us")
-    print(json.dumps({"bench": "lora_overhead_tiny_decode", "hidden": hidden, "layers": layers,
+    print(json.dumps({"bench": "lora_overhead_tiny_decode", "hidden": hidden, "layers": layers, "rounds": rounds,
                       "threads": torch.get_num_threads(),
                       "decode_overhead": decode, "layer_us": us, "overhead_ratio": ratio}))
     return 0
@@ -317,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny-decode", action="store_true",
                         help="only LoRA q,v decode on a hidden-64 2-layer llama, 41 paired rounds")
     parser.add_argument("--decode-shape", default="64x2", help="with --tiny-decode: HIDDENxLAYERS")
+    parser.add_argument("--rounds", type=int, default=41, help="with --tiny-decode: paired rounds")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -324,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.tiny_decode:
         hidden, layers = map(int, args.decode_shape.split("x"))
-        return tiny_decode(device, hidden, layers)
+        return tiny_decode(device, hidden, layers, args.rounds)
     if args.smoke:
         shape, wide, timing = Shape(64, 2, (1, 16), (1, 16)), Shape(128, 2, (1, 8), (1, 8)), Timing(1, 1, 0)
     else:
