@@ -78,8 +78,8 @@ NAME_NOTES: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """Not an Exception: capture's and the model's own broad `except Exception` must not swallow it."""
 
 
 def _alarm(signum: int, frame: Any) -> None:
@@ -104,14 +104,15 @@ def _why(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
-def sweep_one(model_type: str) -> dict[str, Any]:
-    """One row: build, run, roles, name agreement. Never raises."""
+def sweep_one(model_type: str, row: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One row: build, run, roles, name agreement. Never raises (but for the sweep's timeout;
+    `row`, filled as the stages pass, then says how far it got)."""
     import torch
 
     from surgeon.capture.synthesize import input_candidates
     from surgeon.models.load import load_model
 
-    row: dict[str, Any] = {"type": model_type}
+    row = {"type": model_type} if row is None else row
     start = time.perf_counter()
     try:
         model = load_model(f"tiny:{model_type}").model
@@ -213,10 +214,16 @@ def run_sweep(types: list[str], cache: Path, budget: float, per_type: int, fresh
             print("budget spent; run again to resume", flush=True)
             return
         signal.alarm(per_type)
+        row: dict[str, Any] = {"type": model_type}
         try:
-            row = sweep_one(model_type)
-        except _Timeout:
-            row = {"type": model_type, "built": False, "why": f"timed out after {per_type} s"}
+            sweep_one(model_type, row)
+        except _Timeout:  # a failure of the stage it reached, counted as such (never dropped)
+            reason = f"timed out after {per_type} s"
+            row.setdefault("built", False)
+            if row["built"]:
+                row.setdefault("runs", False)
+                row.update(roles=False, roles_why=reason)
+            row["why"] = row.get("why") or reason
         finally:
             signal.alarm(0)
         with cache.open("a") as out:
@@ -316,7 +323,8 @@ def main() -> None:
     parser.add_argument("--sample", type=int, help="a fixed random sample (seed 0) of this many types")
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--budget", type=float, default=3600, help="seconds before stopping")
-    parser.add_argument("--per-type", type=int, default=90, help="seconds one type may take")
+    parser.add_argument("--per-type", type=int, default=300,
+                        help="seconds one type may take (past it, the stage reached counts as failed)")
     parser.add_argument("--fresh", action="store_true", help="redo types already in the cache")
     parser.add_argument("--report", action="store_true", help="write docs/zoo.md from the cache")
     args = parser.parse_args()

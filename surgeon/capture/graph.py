@@ -7,7 +7,9 @@ changes the user's model. The one exception: where export on meta fails (shapes 
 values: an image grid's `.tolist()`, a length's `.item()`; the meta device has no values, and
 some forwards trip over meta or fake tensors in other ways), a model of up to `REAL_COPY_BYTES`
 is exported again from a real copy with real inputs by `torch.export.draft_export`, which settles
-those branches by the values, then by plain non-strict export where draft export itself fails.
+those branches by the values, then by plain non-strict export where draft export itself fails,
+and last by running the forward once and recording every op it ran (surgeon.capture.running),
+where export's symbolic shapes cannot settle a branch even with values to go by.
 
 Repeated blocks (the `layers` of a transformer) are captured once per distinct structure: every
 other block of the same structure is short-circuited during the trace (its forward returns its
@@ -33,6 +35,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from surgeon.capture.inputs import ExampleInputs, from_user
+from surgeon.capture.running import trace_by_running
 from surgeon.capture.synthesize import input_candidates, missing_inputs
 from surgeon.errors import UserError
 from surgeon.layer_kinds import outer_stacks
@@ -61,7 +64,7 @@ class Capture:
 
     graph: torch.fx.GraphModule
     prefix: str  # prefix of module paths in node meta / get_attr targets ("m." under the wrapper)
-    frontend: str  # "export(-blocks)", "draft-"/"real-export(-blocks)" or "symbolic_trace"
+    frontend: str  # "export(-blocks)", "draft-"/"real-export(-blocks)", "run(-blocks)", "symbolic_trace"
     stand_ins: Mapping[str, str]  # short-circuited block path -> path of the block captured for it
     model: nn.Module  # the meta copy that was traced (paths in the graph resolve against it)
     inputs: tuple[str, ...] = ()  # the model's name for each graph placeholder, in order
@@ -104,7 +107,7 @@ def capture(model: nn.Module, example_inputs: Any = None, *, blocks: bool = True
 
     Tries, in order: export with stand-ins for repeated blocks, export of the whole model (each
     with every candidate call, most complete first), the same on a real copy with real inputs
-    when those failed (`_capture_with_values`), `symbolic_trace` (its
+    when those failed, then the forward run and recorded (`_capture_with_values`), `symbolic_trace` (its
     capture carries a caveat: roles read from it are uncertain). Raises `CaptureError` with every front end's
     reason when none works.
     """
@@ -161,7 +164,26 @@ def _capture_with_values(model: nn.Module, example_inputs: Any, attempts: Any,
                     return _export(copied, inputs, use_blocks, f"{mode}-{frontend}", mode=mode)
                 except Exception as error:  # noqa: BLE001 - as above
                     reasons.append(f"{mode}-{frontend}: {_first_line(error)}")
+    for use_blocks, frontend in attempts:  # the last resort: record the forward as it runs
+        name = frontend.replace("export", "run")
+        for inputs in candidates:
+            try:
+                return _run(copy.deepcopy(model).eval(), inputs, use_blocks, name)
+            except Exception as error:  # noqa: BLE001 - as above
+                reasons.append(f"{name}: {_first_line(error)}")
     return None
+
+
+def _run(model: nn.Module, inputs: ExampleInputs, use_blocks: bool, frontend: str) -> Capture:
+    """Capture `model` (a real copy) by running it once on `inputs` and recording every op
+    (surgeon.capture.running): Python branches on values (`.tolist()` loops, `.item()` sizes)
+    are settled by the values, where export's symbolic shapes give up."""
+    stand_ins = _install_stand_ins(model) if use_blocks else {}
+    if use_blocks and not stand_ins:
+        raise CaptureError("no repeated blocks to short-circuit")
+    with _quiet(), torch.no_grad():
+        graph = trace_by_running(_Wrapper(model, inputs), inputs.flat())
+    return Capture(graph, WRAPPED + ".", frontend, stand_ins, model, inputs.names())
 
 
 def _copied(inputs: ExampleInputs) -> ExampleInputs:
@@ -230,21 +252,27 @@ def _export(meta: nn.Module, inputs: ExampleInputs, use_blocks: bool, frontend: 
     if use_blocks and not stand_ins:
         raise CaptureError("no repeated blocks to short-circuit")
     # no_grad: no grad-mode HOPs in the graph; meta: tensors the forward creates meet the weights.
-    # An attempt that fails logs tracebacks and prints the partial program to stderr; its reason
-    # is kept instead, so both are silenced for the attempt and restored after.
+    export = torch.export.draft_export if mode == "draft" else torch.export.export
+    device = torch.device("meta") if mode == "meta" else contextlib.nullcontext()
+    with _quiet(), torch.no_grad(), device:
+        program = export(_Wrapper(meta, inputs), inputs.flat(), strict=False)
+    return Capture(program.module(), WRAPPED + ".", frontend, stand_ins, meta, inputs.names())
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """An attempt that fails logs tracebacks and prints the partial program to stderr; its reason
+    is kept instead, so both are silenced for the attempt and restored after."""
     loggers = [logging.getLogger(name) for name in _NOISY]
     levels = [log.level for log in loggers]
     for log in loggers:
         log.setLevel(logging.CRITICAL)
-    export = torch.export.draft_export if mode == "draft" else torch.export.export
-    device = torch.device("meta") if mode == "meta" else contextlib.nullcontext()
     try:
-        with torch.no_grad(), device, contextlib.redirect_stderr(io.StringIO()):
-            program = export(_Wrapper(meta, inputs), inputs.flat(), strict=False)
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         for log, level in zip(loggers, levels, strict=True):
             log.setLevel(level)
-    return Capture(program.module(), WRAPPED + ".", frontend, stand_ins, meta, inputs.names())
 
 
 _NOISY = ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes", "torch.export",
