@@ -21,9 +21,9 @@ timings.
     python bench/methods.py --paired --only "lora r8" "dora r8" "loha r8" "lokr r8"
     python bench/methods.py --paired --hidden 1024 --only ...   # a wider llama
 
-`--paired` measures each case's training step in the same rounds as its model's LoRA step, per
-side, and reports the median of the per-round ratios (train/LoRA); on a CPU with one thread it
-times the thread's CPU time, so a shared machine's preemption does not count. Without it the
+`--paired` measures each case's training step (DoRA's too) in the same rounds as its model's
+LoRA step, per side, and reports the median of the per-round ratios (train/LoRA); on a CPU
+with one thread it times the thread's CPU time, so a shared machine's preemption does not count. Without it the
 train/LoRA columns divide medians taken at different times (noisy on a shared machine).
 """
 
@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Timing, clock, interleaved
+from harness import Timing, clock, interleaved, peak_memory
 
 SIDES = ("surgeon", "peft")
 
@@ -211,8 +211,9 @@ def measure(case: Case, smoke: bool, device: torch.device, timing: Timing, hidde
     result = {f"forward_{k}": v for k, v in interleaved(forwards, device, timing).items()}
     steps = {side: train_step(model, train_batch) for side, model in models.items()}
     result.update({f"train_{k}": v for k, v in interleaved(steps, device, timing).items()})
-    if paired and case.method != "lora":
-        reference = next(c for c in CASES if c.model == case.model and c.method == "lora")
+    result.update({f"train_peak_mib_{k}": peak_memory(step, device) for k, step in steps.items()})
+    reference = next(c for c in CASES if c.model == case.model and c.method == "lora")
+    if paired and case != reference:  # DoRA too: its method is "lora"
         lora = {side: train_step(model, train_batch) for side, model in pair(reference, base).items()}
         result.update(paired_train(steps, lora, device, timing))
     result["max_abs_diff"] = error

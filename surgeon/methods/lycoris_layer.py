@@ -19,6 +19,13 @@ separate delta path costs three and a factored path `3 * tokens * r^2 * (in + ou
 (`fold_cheaper` decides). Gradients are PEFT's to float rounding. The fold is used only on an
 inlined float32/64 base call of the adapters' dtype, and only when it cannot change the order
 of dropout draws (one adapter on the layer, or no module/rank dropout).
+
+On a Linear without rank dropout whose base output no other adapter has touched, a method may
+split the fold (`split_call`): the weight part adds the delta without autograd (so the base
+call's backward computes only the input gradient) and an output-part node, an identity in the
+forward, computes the factors' gradients from the output gradient and the input directly
+(`SplitGrads`), without the `(out, in)` weight gradient: LoKr's Kronecker factors in two small
+GEMMs over permuted activations, LoHa's in four rank-r^2 GEMMs where `2 r^2 (in + out) <= in*out`.
 """
 
 from __future__ import annotations
@@ -101,6 +108,54 @@ def gated_weight(weight: torch.Tensor, dropouts: tuple | None,
     return weight + out
 
 
+def detached_weight(weight: torch.Tensor, dropouts: tuple | None,
+                    delta: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The weight part of a split fold: `weight + delta()`, the delta outside autograd (its
+    factors get their gradients from the output part, `SplitGrads`); PEFT's module-dropout
+    draw as `gated_weight`, returning `weight` itself when the adapter is dropped."""
+    if dropouts is not None and not bool(torch.rand(1) > dropouts[0]):
+        return weight
+    with torch.no_grad():
+        out = delta()
+    # an unfrozen base weight still gets its gradient through the base call
+    return weight + out if weight.requires_grad else out.add_(weight)
+
+
+class SplitGrads(torch.autograd.Function):
+    """The output part of a split fold: the base output unchanged, and in the backward the
+    factors' gradients from the output gradient `g` and the layer input `x`, by
+    `grads(g, x, tensors, static)`.
+
+    The output is `prev` itself, marked dirty (autograd then treats it as modified in place,
+    so later in-place ops on it stay legal; nothing saved it: it is the base call's fresh
+    output), or a copy where `prev` is a view (a biased Linear on a 3-D input) or compiling.
+    """
+
+    @staticmethod
+    def forward(ctx, prev, x, grads, static, *tensors):
+        ctx.save_for_backward(x, *tensors)
+        ctx.grads, ctx.static = grads, static
+        if prev._base is not None or torch.compiler.is_compiling():
+            return prev.clone()
+        ctx.mark_dirty(prev)
+        return prev
+
+    @staticmethod
+    def backward(ctx, g):
+        x, *tensors = ctx.saved_tensors
+        return (g, None, None, None, *ctx.grads(g, x, tuple(tensors), ctx.static))
+
+
+def split_result(prev: torch.Tensor, x: torch.Tensor, grads: Callable[..., tuple],
+                 static: tuple, tensors: tuple, folded: torch.Tensor,
+                 weight: torch.Tensor) -> torch.Tensor:
+    """`prev` (the base output, already with the delta), carrying the factors' gradients
+    unless the weight part dropped the adapter (`folded is weight`) or none is needed."""
+    if folded is weight or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        return prev
+    return SplitGrads.apply(prev, x, grads, static, *tensors)
+
+
 class LycorisRuntime:
     """The shared part of a LyCORIS method's `MethodRuntime` (see the module docstring)."""
 
@@ -129,9 +184,16 @@ class LycorisRuntime:
         """The weight-part function `fn(weight, params, static, dropouts)` (`weight + delta`)."""
         raise NotImplementedError
 
-    def fold_cheaper(self, layer: LayerView, adapter: str) -> bool:
-        """Whether a training step is cheaper with the delta folded into the base call."""
+    def fold_cheaper(self, layer: LayerView, adapter: str, split: bool) -> bool:
+        """Whether a training step is cheaper with the delta folded into the base call (`split`:
+        the fold would be split, see `split_call`)."""
         return False
+
+    def split_call(self, layer: LayerView, adapter: str) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+        """Where a training graph folds: a split fold's `(weight_fn(weight, params, static,
+        dropouts), result_fn(prev, x, params, static, folded, weight))` (see the module
+        docstring), or None to fold whole."""
+        return None
 
     # ------------------------------------------------------------------ MethodRuntime
     def add(self, layer: LayerView, site: Site) -> None:
@@ -175,17 +237,27 @@ class LycorisRuntime:
                 rescale = bool(site.option("rank_dropout_scale", False))
             dropouts = (float(site.option("module_dropout", 0.0) or 0.0),
                         float(site.option("rank_dropout", 0.0) or 0.0), rescale)
-            if rows is None and self._folds(b, adapter):
+            split = self._split(b, adapter, dropouts, prev) if rows is None else None
+            if rows is None and self._folds(b, adapter, split is not None):
                 part = b.weight_part()
                 fold_fn, fold_static = self.fold_call(b.layer, adapter)
-                part.weight_result(part.call(fold_fn, part.x, self.params(part, adapter),
-                                             fold_static, dropouts))
-                return prev
+                if split is None:
+                    part.weight_result(part.call(fold_fn, part.x, self.params(part, adapter),
+                                                 fold_static, dropouts))
+                    return prev
+                weight_fn, result_fn = split
+                folded = part.weight_result(part.call(weight_fn, part.x, self.params(part, adapter),
+                                                      fold_static, dropouts))
+                base_x = prev.args[0]  # what the base call reads (an input part's result, or x)
+                node = b.call(result_fn, prev, base_x, self.params(b, adapter), fold_static,
+                              folded, part.x)
+                node.meta[META]["role"] = "result"
+                return node
         node = b.call(fn, prev, b.x, self.params(b, adapter), static, dropouts)
         node.meta[META]["role"] = "result"  # a function of `prev` (its args[0]), as `prev + delta`
         return node
 
-    def _folds(self, b: Builder, adapter: str) -> bool:
+    def _folds(self, b: Builder, adapter: str, split: bool) -> bool:
         """Fold this adapter into the base call (see the module docstring)?"""
         layer = b.layer
         base = next(n for n in b.graph.nodes if tag(n).get("role") == "base_out")
@@ -198,7 +270,15 @@ class LycorisRuntime:
                                         for site in layer.sites.values()):
             return False  # weight parts draw before the base call, output parts after it:
             # with several adapters the draws could come in another order than PEFT's
-        return self.fold_cheaper(layer, adapter)
+        return self.fold_cheaper(layer, adapter, split)
+
+    def _split(self, b: Builder, adapter: str, dropouts: tuple, prev: fx.Node):
+        """The split fold's functions when it applies: a Linear, no rank dropout, and `prev`
+        the base call itself (so the output gradient is the base output's)."""
+        if b.layer.kind != "Linear" or dropouts[1] or tag(prev).get("role") != "base_out" \
+                or prev.target is not torch._C._nn.linear:
+            return None
+        return self.split_call(b.layer, adapter)
 
     def delta_weight(self, layer: LayerView, adapter: str) -> torch.Tensor:
         with torch.no_grad():

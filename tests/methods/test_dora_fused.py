@@ -92,3 +92,34 @@ def test_large_weight_norm_is_the_built_norm(shape: tuple[int, int]) -> None:
     built = torch.linalg.vector_norm(w.double() + 0.7 * (b.double() @ a.double()), dim=1)
     assert w.numel() >= dora._EXPANDED_FROM
     torch.testing.assert_close(dora.weight_norm(w, a, b, 0.7, "Linear").double(), built, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("trainable", ["magnitude", "factors", "none", "base"])
+def test_fused_magnitude_paths_match_peft(trainable: str) -> None:
+    """`dora_linear_of` forms `m / norm` inside its Function where autograd needs fresh
+    factors (any of m, A, B or the base weight trainable) and falls back to the cached factors
+    otherwise (a frozen adapter, only the input's gradient wanted): PEFT's outputs and
+    gradients either way, the Function's `m` gradient included."""
+    theirs, ours = pair("Linear", Variant(use_dora=True), bias=True)
+    for layer in (theirs, ours):
+        for name, p in layer.named_parameters():
+            wanted = {"magnitude": "magnitude" in name, "factors": "lora_" in name and "magnitude" not in name,
+                      "none": False, "base": "base_layer.weight" in name}[trainable]
+            p.requires_grad_(wanted)
+    x = make_input("Linear")
+    (out_p, grads_p), (out_s, grads_s) = _step(theirs, x), _step(ours, x)
+    assert "dora_linear_of" in source_of(ours._forwards.by_state[ours._key()].run)
+    assert max_diff(out_p, out_s) <= TOL
+    assert set(grads_s) == set(grads_p) and "x" in grads_s
+    for name, grad in grads_p.items():
+        assert max_diff(grad, grads_s[name]) <= 1e-4 * max(1.0, grad.abs().max().item()), name
+
+
+def test_small_weight_norm_is_the_built_norm() -> None:
+    """Below 1 MiB the norm is one `addmm` (W + s*B@A) and a row norm: PEFT's built norm."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(96, 80, generator=gen)
+    a, b = torch.randn(4, 80, generator=gen) * 0.3, torch.randn(96, 4, generator=gen) * 0.3
+    built = torch.linalg.vector_norm(w.double() + 0.7 * (b.double() @ a.double()), dim=1)
+    assert w.numel() < dora._EXPANDED_FROM
+    torch.testing.assert_close(dora.weight_norm(w, a, b, 0.7, "Linear").double(), built, rtol=1e-6, atol=0)

@@ -65,6 +65,9 @@ def weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
                 return kernels.dora_norm(w, a, b, scaling)  # one pass over W, no W' built
             if w.numel() >= _EXPANDED_FROM and w.device.type != "meta":  # (meta: a capture,
                 return _expanded_norm(w.to(dtype), a.to(dtype), b.to(dtype), scaling)  # PEFT's)
+            if w.device.type != "meta":  # W + s*B@A as one addmm: one weight-sized tensor, not three
+                return torch.linalg.vector_norm(torch.addmm(w.to(dtype), b.to(dtype), a.to(dtype),
+                                                            alpha=scaling), dim=1)
         low_rank = lora_b.reshape(-1, r).to(dtype) @ lora_a.reshape(r, -1).to(dtype)
         return torch.linalg.vector_norm(w.to(dtype) + scaling * low_rank.reshape(w.shape), dim=1)
 
@@ -181,10 +184,10 @@ def emit(b: Builder, adapter: str, lora: fx.Node, dropped: fx.Node | None,
     `base`; with dropout it recomputes the base output on the dropped input. On a Linear or
     Conv1D the combination is one fused call (`dora_linear`) instead of four elementwise ops.
     """
+    if _fusable(b, adapter, lora):
+        return _emit_fused(b, adapter, lora, dropped, prev)
     rescale, adapt = _factor_nodes(b, adapter, b.attr(f"lora_A.{adapter}.weight"),
                                    b.attr(f"lora_B.{adapter}.weight"))
-    if _fusable(b, adapter, lora):
-        return _emit_fused(b, lora, dropped, prev, rescale, adapt)
     if dropped is None:
         base = _without_bias(b, prev)
     elif quantized.quant_of(b.layer.base_layer) is not None:
@@ -207,17 +210,36 @@ def _fusable(b: Builder, adapter: str, lora: fx.Node) -> bool:
     return len(dtypes) == 1 and next(iter(dtypes)).is_floating_point
 
 
-def _emit_fused(b: Builder, lora: fx.Node, dropped: fx.Node | None, prev: fx.Node,
-                rescale: fx.Node, adapt: fx.Node) -> fx.Node:
-    """The `dora_linear` node, replacing the expand `lora = linear(h, B)` it folds in."""
+def _emit_fused(b: Builder, adapter: str, lora: fx.Node, dropped: fx.Node | None,
+                prev: fx.Node) -> fx.Node:
+    """The `dora_linear_of` node, replacing the expand `lora = linear(h, B)` it folds in."""
     h, lora_b = lora.args
     b.graph.erase_node(lora)
     base = b.layer.base_layer
+    factors = (b.attr(f"lora_magnitude_vector.{adapter}"), _weight_node(b),
+               b.attr(f"lora_A.{adapter}.weight"), b.layer.sites[adapter].scaling, b.layer.kind)
     if dropped is None:
         bias = b.attr("base_layer.bias") if base.bias is not None else None
-        return b.as_result(b.call(dora_linear, prev, None, bias, h, lora_b, rescale, adapt))
+        return b.as_result(b.call(dora_linear_of, prev, None, bias, h, lora_b, *factors))
     base_out = emit_base_no_bias(b, b.layer.kind, dropped)
-    return b.as_result(b.call(dora_linear, prev, base_out, None, h, lora_b, rescale, adapt))
+    return b.as_result(b.call(dora_linear_of, prev, base_out, None, h, lora_b, *factors))
+
+
+def dora_linear_of(prev: torch.Tensor, base: torch.Tensor | None, bias: torch.Tensor | None,
+                   h: torch.Tensor, lora_b: torch.Tensor, mag: DoraMagnitude,
+                   weight: torch.Tensor, lora_a: torch.Tensor, scaling: float,
+                   kind: str) -> torch.Tensor:
+    """`dora_linear` with its factors from the magnitude: where autograd needs fresh factors
+    (training), `m` and the detached norm go into one custom Function (`_DoraLinearM`), which
+    forms `m / norm` itself and returns `m`'s gradient, in place of four autograd nodes
+    (divide, view, subtract, multiply) per layer; otherwise `dora_factors` (cached)."""
+    m = mag.weight
+    if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and (m.requires_grad or lora_a.requires_grad or lora_b.requires_grad or weight.requires_grad)):
+        norm = weight_norm(weight, lora_a, lora_b, scaling, kind).to(weight.dtype)
+        return _DoraLinearM.apply(prev, base, bias, h, lora_b, m, norm, scaling)
+    rescale, adapt = dora_factors(mag, weight, lora_a, lora_b, scaling, kind)
+    return dora_linear(prev, base, bias, h, lora_b, rescale, adapt)
 
 
 def dora_linear(prev: torch.Tensor, base: torch.Tensor | None, bias: torch.Tensor | None,
@@ -236,7 +258,7 @@ def dora_linear(prev: torch.Tensor, base: torch.Tensor | None, bias: torch.Tenso
     return _dora_linear(prev, base, bias, h, lora_b, rescale, adapt)
 
 
-def _dora_linear(prev, base, bias, h, lora_b, rescale, adapt):
+def _dora_linear(prev, base, bias, h, lora_b, rescale, adapt, scaled_b=None):
     rescale, adapt = rescale.reshape(-1), adapt.reshape(-1)
     if base is not None:
         out = torch.addcmul(prev, rescale, base)
@@ -245,7 +267,8 @@ def _dora_linear(prev, base, bias, h, lora_b, rescale, adapt):
     else:  # prev + rescale * (prev - bias), in one pass
         out = torch.addcmul(-rescale * bias, prev, rescale + 1)
     flat = out.view(-1, out.shape[-1])
-    flat.addmm_(h.reshape(-1, h.shape[-1]), (lora_b * adapt[:, None]).t())
+    scaled_b = lora_b * adapt[:, None] if scaled_b is None else scaled_b
+    flat.addmm_(h.reshape(-1, h.shape[-1]), scaled_b.t())
     return out
 
 
@@ -261,30 +284,65 @@ class _DoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         source, bias, h, lora_b, rescale, adapt = ctx.saved_tensors
-        shape = rescale.shape
-        rescale, adapt = rescale.reshape(-1), adapt.reshape(-1)
-        g = grad.reshape(-1, grad.shape[-1])
-        flat_h = h.reshape(-1, h.shape[-1])
-        grad_prev = grad_base = grad_rescale = grad_adapt = grad_h = grad_b = None
-        if ctx.plain:  # out = prev + rescale * (prev - bias)
-            grad_prev = grad * (rescale + 1) if ctx.needs_input_grad[0] else None
-        else:
-            grad_prev = grad
-            grad_base = grad * rescale if ctx.needs_input_grad[1] else None
-        if ctx.needs_input_grad[5]:
-            grad_rescale = (g * source.reshape(g.shape)).sum(0)
-            if ctx.plain and bias is not None:
-                grad_rescale -= g.sum(0) * bias
-            grad_rescale = grad_rescale.view(shape)
+        grads = _dora_backward(ctx.plain, ctx.needs_input_grad, grad, source, bias, h, lora_b,
+                               rescale.reshape(-1), adapt.reshape(-1))
+        grad_rescale, grad_adapt = grads[5:]
+        return (*grads[:5], None if grad_rescale is None else grad_rescale.view(rescale.shape),
+                None if grad_adapt is None else grad_adapt.view(adapt.shape))
+
+
+def _dora_backward(plain: bool, needs: tuple, grad, source, bias, h, lora_b, rescale, adapt,
+                   scale=None, scaled_b=None):
+    """`dora_linear`'s gradients: `(prev, base, bias (None), h, B, rescale, adapt)`, the last
+    two flat; `needs` says which are wanted, in that order. `scale` (`rescale + 1`) and
+    `scaled_b` (`B * adapt`) are recomputed unless given."""
+    g = grad.reshape(-1, grad.shape[-1])
+    grad_prev = grad_base = grad_rescale = grad_adapt = grad_h = grad_b = None
+    if plain:  # out = prev + rescale * (prev - bias)
+        grad_prev = grad * (rescale + 1 if scale is None else scale) if needs[0] else None
+    else:
+        grad_prev = grad
+        grad_base = grad * rescale if needs[1] else None
+    if needs[5]:
+        grad_rescale = (g * source.reshape(g.shape)).sum(0)
+        if plain and bias is not None:
+            grad_rescale -= g.sum(0) * bias
+    if needs[3]:
+        grad_h = (g @ (lora_b * adapt[:, None] if scaled_b is None else scaled_b)).view(h.shape)
+    if needs[4] or needs[6]:
+        grad_scaled = g.t() @ h.reshape(-1, h.shape[-1])  # (out, r)
+        grad_b = grad_scaled * adapt[:, None] if needs[4] else None
+        if needs[6]:
+            grad_adapt = (grad_scaled * lora_b).sum(1)
+    return grad_prev, grad_base, None, grad_h, grad_b, grad_rescale, grad_adapt
+
+
+class _DoraLinearM(torch.autograd.Function):
+    """`dora_linear` taking the magnitude `m` and the detached norm: `scale = m / norm`,
+    `rescale = scale - 1`, `adapt = scale * scaling` formed here, `m`'s gradient returned as
+    `(d rescale + scaling * d adapt) / norm` (PEFT's autograd through the same expressions)."""
+
+    @staticmethod
+    def forward(ctx, prev, base, bias, h, lora_b, m, norm, scaling):
+        scale = m.reshape(-1) / norm
+        rescale, adapt = scale - 1, scale * scaling
         scaled_b = lora_b * adapt[:, None]
-        if ctx.needs_input_grad[3]:
-            grad_h = (g @ scaled_b).view(h.shape)
-        if ctx.needs_input_grad[4] or ctx.needs_input_grad[6]:
-            grad_scaled = g.t() @ flat_h  # (out, r)
-            grad_b = grad_scaled * adapt[:, None] if ctx.needs_input_grad[4] else None
-            if ctx.needs_input_grad[6]:
-                grad_adapt = (grad_scaled * lora_b).sum(1).view(shape)
-        return grad_prev, grad_base, None, grad_h, grad_b, grad_rescale, grad_adapt
+        ctx.save_for_backward(prev if base is None else base, bias, h, lora_b, rescale, adapt, norm,
+                              scale, scaled_b)
+        ctx.plain, ctx.scaling, ctx.m_shape = base is None, scaling, m.shape
+        return _dora_linear(prev, base, bias, h, lora_b, rescale, adapt, scaled_b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        source, bias, h, lora_b, rescale, adapt, norm, scale, scaled_b = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grads = _dora_backward(ctx.plain, (*needs[:6], needs[5]), grad, source, bias, h, lora_b,
+                               rescale, adapt, scale, scaled_b)
+        grad_m = None
+        if ctx.needs_input_grad[5]:
+            grad_rescale, grad_adapt = grads[5:]
+            grad_m = grad_rescale.add_(grad_adapt, alpha=ctx.scaling).div_(norm).view(ctx.m_shape)
+        return (*grads[:5], grad_m, None, None)
 
 
 def emit_embedding(b: Builder, adapter: str, lora: fx.Node, prev: fx.Node,
