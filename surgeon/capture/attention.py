@@ -7,13 +7,19 @@ values. Three shapes of it are recognised:
   matmul (P @ V);
 - linear attention (mLSTM, gated delta rules, lightning attention, YOSO's kernel): a score
   matmul of two activations reaching, through pointwise ops and normalisations but no softmax,
-  operand 0 of another activation matmul;
+  operand 0 of another activation matmul (a score product written by hand as a broadcast
+  product and a sum counts as a matmul: Kimi delta attention); or its recurrent form, `q @ S`
+  with a state `S` made from a product of keys and values (mLSTM's step), where the module forms
+  no scores; values computed from the scores themselves (a pointer head's matrix powers) are none;
 - deformable attention (Deformable DETR's multi-scale attention): softmax weights predicted from
   the query alone multiply values sampled at learned locations (`grid_sample`); it has no key,
   and the sampled map's projection is the value.
 The projections reached backwards from an operand (through RoPE, qk-norm, GQA repeats, splits of
 a fused output, scaling, depthwise short convolutions) play that operand's part; one reached from
-several operands is fused (qkv, kv). The first projection reading the core's output is `o`.
+several operands is fused (qkv, kv). The first projection reading the core's output is `o`, never
+past the join of the block's input (a residual add): an attention without an output projection
+(D-FINE's deformable attention) has none. Scores copied into a buffer in place (Longformer's
+banded scores) are followed through the writes.
 Cross-attention: the key/value projections read inputs that depend on other model inputs than
 the query projection's (the encoder output, image features).
 """
@@ -26,6 +32,7 @@ from torch import fx
 
 from surgeon.capture.flow import (
     ACT,
+    INPUT,
     MATMUL,
     NORM,
     PARAM,
@@ -35,6 +42,7 @@ from surgeon.capture.flow import (
     SDPA,
     SLICE,
     SOFTMAX,
+    TOPK,
     Flow,
     op_name,
 )
@@ -51,6 +59,12 @@ _TO_OUTPUT = frozenset({PASS, SLICE, ACT, NORM})
 # Between a linear attention's score matmul and the matmul applying it: decay, mask, normaliser.
 _TO_LINEAR_PV = frozenset({PASS, SLICE, ACT, NORM})
 _PARTS = {"q": "query", "k": "key", "v": "value"}
+# Between an indexer's scores and the top-k that picks tokens with them.
+_TO_PICK = frozenset({PASS, SLICE, ACT, SOFTMAX, REDUCE, MATMUL})
+# Ops joining two tensors into one (a residual add, a cat before a gate).
+_JOINS = frozenset({"add", "add_", "sub", "cat", "concat"})
+# Back from an attention's input along the residual stream: views, norms, position adds.
+_STREAM = frozenset({PASS, SLICE, NORM, INPUT})
 
 
 @dataclass(frozen=True)
@@ -87,24 +101,62 @@ def find_cores(flow: Flow) -> list[Core]:
             if core is not None:
                 cores.append(core)
     used = {c.out for c in cores}
-    linear = [c for n in flow.nodes if flow.kind[n] == MATMUL and n not in used
-              and (c := linear_core(flow, n)) is not None]
-    return cores + _without_gram(flow, linear)
+    matmuls = [n for n in flow.nodes if flow.kind[n] == MATMUL and n not in used]
+    linear = _without_gram(flow, [c for n in matmuls if (c := linear_core(flow, n)) is not None])
+    # the recurrent form only where no score is formed: a chunked kernel's state update (k.T @ v
+    # of one chunk, applied to the next) is no query
+    scored = {c.where for c in cores + linear}
+    states = [c for n in matmuls if (c := state_core(flow, n)) is not None and c.where not in scored]
+    return cores + linear + states
 
 
 def linear_core(flow: Flow, pv: fx.Node) -> Core | None:
     """Linear attention around `pv`: its operand 0 is a score matmul of two activations (through
     pointwise ops and normalisations, no softmax), its operand 1 the values."""
-    left, right = _operands(pv)
+    left, right = flow.operands(pv)
     if not isinstance(left, fx.Node) or not isinstance(right, fx.Node) or not flow.origins[right]:
         return None
     for score in flow.walk_back(left, _TO_LINEAR_PV, frozenset({MATMUL})):
-        q, k = _operands(score)
+        q, k = flow.operands(score)
         if score is not pv and isinstance(q, fx.Node) and isinstance(k, fx.Node) \
                 and flow.origins[q] and flow.origins[k] and _features(q) != 1:  # not k (x) v
+            if score in _ancestors(flow, [right]):
+                return None  # scores times scores (a pointer head's matrix powers): no values
             core = Core(q, k, right, pv, "the linear attention", flow.scope(score))
             return None if _skips_values(flow, core) else core
     return None
+
+
+def state_core(flow: Flow, qs: fx.Node) -> Core | None:
+    """Linear attention in its recurrent form around `qs`, `q @ S`: the state `S` is a product of
+    keys and values (`k (x) v`, or `k.T @ v` over a chunk), through decays and sums with earlier
+    states (mLSTM's step, a delta rule's inter-chunk term): q weighs values by its scores with
+    the keys, as in `(q @ k.T) @ v`."""
+    q, state = flow.operands(qs)
+    if not isinstance(q, fx.Node) or not isinstance(state, fx.Node) or not flow.origins[q]:
+        return None
+    for kv in flow.walk_back(state, _TO_LINEAR_PV, frozenset({MATMUL})):
+        k, v = flow.operands(kv)
+        if kv is not qs and isinstance(k, fx.Node) and isinstance(v, fx.Node) \
+                and flow.origins[k] and flow.origins[v] and _features(q) == _rows(k):
+            core = Core(q, k, v, qs, "the linear attention (recurrent form)", flow.scope(kv))
+            return core if _projected(flow, core) and not _skips_values(flow, core) else None
+    return None
+
+
+def _projected(flow: Flow, core: Core) -> bool:
+    """q, k and v each made by projections, q by others than k (a state update `k.T @ v` is no
+    query), and the result weighs values rather than only picking tokens (a top-k indexer): what
+    tells a recurrent attention from other products of products (hyper-connection mixing)."""
+    q, k, v = _sources(flow, core.q), _sources(flow, core.k), _values(flow, core.v)
+    picks = flow.walk_forward(core.out, _TO_PICK, frozenset({TOPK}))
+    return bool(q and k and v) and not set(q) & set(k) and not picks
+
+
+def _rows(node: fx.Node) -> int | None:
+    val = node.meta.get("val")
+    shape = getattr(val, "shape", None)
+    return shape[-2] if shape is not None and len(shape) > 1 and isinstance(shape[-2], int) else None
 
 
 def _skips_values(flow: Flow, core: Core) -> bool:
@@ -196,35 +248,27 @@ def _sampled(flow: Flow, node: fx.Node) -> fx.Node | None:
 
 def softmax_core(flow: Flow, softmax: fx.Node) -> Core | None:
     """The eager pattern around `softmax`, or None when it is not attention (e.g. a router)."""
-    inputs = flow.inputs(softmax)
+    inputs = flow.inputs(softmax, writes=True)  # scores copied into a buffer it reads (Longformer)
     if not inputs:
         return None
-    scores = flow.walk_back(inputs[0], _TO_SOFTMAX, frozenset({MATMUL}))
+    found = (flow.walk_back(i, _TO_SOFTMAX, frozenset({MATMUL}), writes=True) for i in inputs)
+    scores = list(dict.fromkeys(s for each in found for s in each))
     if not scores:
         return None
     for pv in flow.walk_forward(softmax, _TO_PV, frozenset({MATMUL})):
         # P @ V, or V @ P.T (a VQ-VAE's attention block): the values are the other operand
-        for weights, values in (_operands(pv), _operands(pv)[::-1]):
+        for weights, values in (flow.operands(pv), flow.operands(pv)[::-1]):
             if values is not None and flow.walk_back(weights, _TO_PV, frozenset({SOFTMAX})) == [softmax]:
                 score = _content_score(flow, scores)
-                q, k = _operands(score)
+                q, k = flow.operands(score)
                 return Core(q, k, values, pv, "the softmax attention", flow.scope(score))
     return None
-
-
-def _operands(matmul: fx.Node) -> tuple[fx.Node, fx.Node]:
-    """(left, right) activation operands of a matmul-like node."""
-    name = op_name(matmul)
-    args = matmul.args[1:3] if name in ("baddbmm", "addbmm") else matmul.args[:2]
-    if name == "einsum":
-        args = tuple(matmul.args[1])[:2]
-    return args[0], args[1]
 
 
 def _content_score(flow: Flow, scores: list[fx.Node]) -> fx.Node:
     """The query-key product among several score terms (DeBERTa adds position terms whose one
     side is computed from parameters only): the one with both sides depending on model inputs."""
-    content = [s for s in scores if all(flow.origins[o] for o in _operands(s))]
+    content = [s for s in scores if all(flow.origins[o] for o in flow.operands(s))]
     return (content or scores)[0]
 
 
@@ -242,22 +286,102 @@ def attention_roles(flow: Flow, cores: list[Core]) -> list[Found]:
         for proj, names in parts.items():
             role = "".join(names) if len(names) == 1 or names == ["k", "v"] else "qkv"
             found.append(Found(proj, f"{family}.{role}", _operand_evidence(core, names, cross)))
-        outputs = flow.walk_forward(core.out, _TO_OUTPUT, frozenset({PROJ}), writes=True)
-        for proj in _projections(flow, outputs):
+        for proj in _projections(flow, _output_readers(flow, core, list(parts) + weighed)):
             found.append(Found(proj, f"{family}.o", f"first projection reading the output of "
                                f"{core.what} in `{core.where}`"))
             found.extend(_output_gates(flow, proj, parts, family, core))
     return found
 
 
+def _output_readers(flow: Flow, core: Core, projs: list[fx.Node]) -> list[fx.Node]:
+    """Projections reading the core's output through `_TO_OUTPUT` kinds, but never past the join
+    of the block's own input (a residual add, or a cat with it): there the attention has ended,
+    without an output projection of its own (D-FINE's deformable attention returns its sampled
+    sum, added back to the residual stream), and what follows is the next block."""
+    stream: set[fx.Node] | None = None
+    found: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+    queue = [core.out]
+    while queue:
+        node = queue.pop(0)
+        for user in flow.users(node, writes=True):
+            if user in seen:
+                continue
+            seen.add(user)
+            kind = flow.kind[user]
+            if kind == PROJ:
+                if flow.projs[user].data is node:
+                    found.append(user)
+                continue
+            if kind not in _TO_OUTPUT:
+                continue
+            if op_name(user) in _JOINS:
+                stream = _residual_stream(flow, core, projs) if stream is None else stream
+                if any(_pointwise_from(flow, other, stream) for other in flow.inputs(user)
+                       if other is not node):
+                    continue
+            queue.append(user)
+    return found
+
+
+def _residual_stream(flow: Flow, core: Core, projs: list[fx.Node]) -> set[fx.Node]:
+    """The tensors the attention's inputs were read from, and what they were computed from
+    through views, norms and adds (the residual stream before the block), never through a
+    projection or the core itself."""
+    starts = [flow.projs[p].data for p in projs if isinstance(flow.projs[p].data, fx.Node)]
+    starts = starts or [n for n in (core.q, core.k, core.v) if n is not None]
+    stream: set[fx.Node] = set()
+    queue = list(starts)
+    while queue:
+        node = queue.pop()
+        if node in stream or flow.kind[node] not in _STREAM:
+            continue
+        stream.add(node)
+        queue.extend(flow.inputs(node))
+    return stream
+
+
+def _pointwise_from(flow: Flow, node: fx.Node, stream: set[fx.Node]) -> bool:
+    """`node` is computed from the stream through pointwise ops (`gate * residual`), not through
+    a projection (a local enhancement of the values, LePE's `conv(v)`, is no residual)."""
+    seen: set[fx.Node] = set()
+    queue = [node]
+    while queue:
+        current = queue.pop()
+        if current in stream:
+            return True
+        if current in seen or flow.kind[current] not in (PASS, SLICE, ACT):
+            continue
+        seen.add(current)
+        queue.extend(flow.inputs(current))
+    return False
+
+
 def _output_gates(flow: Flow, out: fx.Node, parts: dict[fx.Node, list[str]], family: str,
                   core: Core) -> list[Found]:
     """Projections that scale the core's output on its way to `o` (gated attention): they reach
     the output projection's input through pointwise ops, not through the core."""
-    feeders = flow.walk_back(flow.projs[out].data, _TO_OUTPUT, frozenset({PROJ}))
+    feeders = [p for p in _projections(flow, flow.walk_back(flow.projs[out].data, _TO_OUTPUT,
+                                                            frozenset({PROJ})))
+               if p not in parts and not flow.is_depthwise(p)]  # a short conv filters operands
+    if feeders:  # a recurrence's input or forget gate also weighs the state: no output gate
+        inside = _ancestors(flow, flow.inputs(core.out) + [n for n in (core.q, core.k, core.v)
+                                                           if n is not None])
+        feeders = [p for p in feeders if p not in inside]
     return [Found(p, f"{family}.gate", f"gates the output of {core.what} in `{core.where}` "
-                  "before the output projection") for p in _projections(flow, feeders)
-            if p not in parts and not flow.is_depthwise(p)]  # a short conv filters operands
+                  "before the output projection") for p in feeders]
+
+
+def _ancestors(flow: Flow, nodes: list[fx.Node]) -> set[fx.Node]:
+    """Every node the values of `nodes` are computed from."""
+    found: set[fx.Node] = set()
+    queue = list(nodes)
+    while queue:
+        node = queue.pop()
+        if node not in found:
+            found.add(node)
+            queue.extend(flow.inputs(node))
+    return found
 
 
 def _sources(flow: Flow, operand: fx.Node | None) -> list[fx.Node]:
@@ -306,7 +430,7 @@ def _values(flow: Flow, operand: fx.Node) -> list[fx.Node]:
     if found:
         return found
     for matmul in flow.walk_back(operand, _TO_OPERAND, frozenset({MATMUL})):
-        found.extend(p for p in _sources(flow, _operands(matmul)[1]) if p not in found)
+        found.extend(p for p in _sources(flow, flow.operands(matmul)[1]) if p not in found)
     return found
 
 

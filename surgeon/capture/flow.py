@@ -10,7 +10,6 @@ Module names serve only to say which module owns a weight (`nn_module_stack`, `g
 
 from __future__ import annotations
 
-import operator
 import re
 from collections import deque
 from collections.abc import Iterable
@@ -21,7 +20,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from surgeon.capture.contractions import contraction
 from surgeon.capture.graph import Capture
+from surgeon.capture.ops import op_name
+from surgeon.capture.writes import pieces, written_bases
 from surgeon.layer_kinds import FAMILY, kind_of
 
 # Node kinds. PASS is anything data flows through unchanged in kind (views, casts, adds, ...).
@@ -90,16 +92,32 @@ class Flow:
         self._names = _canonical_names(capture.model)
         self.kind: dict[fx.Node, str] = {}
         self.projs: dict[fx.Node, Proj] = {}
+        self._contracted: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}  # sum(a * b) -> (a, b)
         for node in self.nodes:
             self._classify(node)
 
     # ---- edges -------------------------------------------------------------------------------
-    def inputs(self, node: fx.Node) -> list[fx.Node]:
+    def operands(self, matmul: fx.Node) -> tuple[Any, Any]:
+        """(left, right) activation operands of a MATMUL node: a matmul-like op, or a contraction
+        written by hand (`(q[..., :, None, :] * k[..., None, :, :]).sum(-1)`)."""
+        if matmul in self._contracted:
+            return self._contracted[matmul]
+        name = op_name(matmul)
+        args = _matmul_operands(matmul, name)
+        return args[0], args[1]
+
+    def inputs(self, node: fx.Node, writes: bool = False) -> list[fx.Node]:
         """Float-tensor operands of `node` (parameters excluded) whose values it reads; a piece
-        of a concatenation reads only the part it takes (`_pieces`)."""
+        of a concatenation reads only the part it takes (`_pieces`). With `writes`, a node
+        reading a tensor written in place earlier (`buffer[:, i] = x`) reads those writes too
+        (Longformer assembles its banded scores so, into a zeros buffer)."""
         if node in self._pieces:
             return [self._pieces[node]]
-        return [n for n in _data_inputs(node) if self.kind[n] != PARAM and _is_float(n)]
+        found = [n for n in _data_inputs(node) if self.kind[n] != PARAM and _is_float(n)]
+        if writes:
+            order = self._order[node]
+            found += [w for n in found for w in self._writes_into.get(n, ()) if self._order[w] < order]
+        return found
 
     def users(self, node: fx.Node, writes: bool = False) -> list[fx.Node]:
         """Nodes that read `node`'s values as float data (not only its dtype or shape); with
@@ -121,58 +139,29 @@ class Flow:
 
     @cached_property
     def _written_base(self) -> dict[fx.Node, fx.Node]:
-        """In-place write (`out[:, i] = x`, a `copy_` into a view) -> the tensor it writes into."""
-        found: dict[fx.Node, fx.Node] = {}
-        for node in self.nodes:
-            name = op_name(node)
-            if node.op == "call_function" and name.endswith("_") and not name.startswith("_") \
-                    and node.args and isinstance(node.args[0], fx.Node):
-                found[node] = _view_base(node.args[0])
-        return found
+        return written_bases(self.nodes)
 
+    @cached_property
+    def _writes_into(self) -> dict[fx.Node, list[fx.Node]]:
+        found: dict[fx.Node, list[fx.Node]] = {}
+        for write, base in self._written_base.items():
+            found.setdefault(base, []).append(write)
+        return found
 
     @cached_property
     def _pieces(self) -> dict[fx.Node, fx.Node]:
-        """Piece of a split (or a slice) -> the input of the concatenation it takes back apart.
+        return pieces(self.nodes, self._channel_step)
 
-        `q, k, v = split(conv(cat([q_proj(x), k_proj(x), v_proj(x)])))` (a short convolution run
-        over q, k and v at once): each piece is exactly one concatenated part, when every step
-        between the cat and the split keeps channels apart (views, casts, activations, depthwise
-        convolutions) and the piece's bounds are that part's bounds."""
-        found: dict[fx.Node, fx.Node] = {}
-        for node in self.nodes:
-            piece = _piece_bounds(node)
-            if piece is None:
-                continue
-            base, dim, start, stop = piece
-            cat = self._cat_behind(base)
-            if cat is None or _size(base, dim) != _size(cat, _cat_dim(cat)):
-                continue
-            offset = 0
-            for part in cat.args[0]:
-                size = _size(part, _cat_dim(cat))
-                if size is None:
-                    break
-                if (offset, offset + size) == (start, stop) and isinstance(part, fx.Node):
-                    found[node] = part
-                offset += size
-        return found
-
-    def _cat_behind(self, node: fx.Node) -> fx.Node | None:
-        """The `cat` that `node` is, through single-input steps that keep channels apart."""
-        for _ in range(12):
-            if op_name(node) == "cat":
-                return node
-            if self.is_depthwise(node):
-                inputs = [self.projs[node].data]
-            elif self.kind.get(node) in (PASS, ACT, SLICE):
-                inputs = [n for n in _data_inputs(node) if self.kind.get(n) != PARAM and _is_float(n)]
-            else:
-                return None
-            if len(inputs) != 1 or not isinstance(inputs[0], fx.Node):
-                return None
-            node = inputs[0]
-        return None
+    def _channel_step(self, node: fx.Node) -> fx.Node | None:
+        """The one input of a step that keeps channels apart (a view, a cast, an activation, a
+        depthwise convolution), else None."""
+        if self.is_depthwise(node):
+            inputs = [self.projs[node].data]
+        elif self.kind.get(node) in (PASS, ACT, SLICE):
+            inputs = [n for n in _data_inputs(node) if self.kind.get(n) != PARAM and _is_float(n)]
+        else:
+            return None
+        return inputs[0] if len(inputs) == 1 and isinstance(inputs[0], fx.Node) else None
 
     def is_depthwise(self, node: fx.Node) -> bool:
         """A depthwise convolution: one filter per channel (a short convolution along time)."""
@@ -183,7 +172,6 @@ class Flow:
         groups = getattr(module, "groups", 1)
         channels = getattr(module, "in_channels", 0)
         return groups > 1 and groups == channels == getattr(module, "out_channels", -1)
-
 
     @cached_property
     def origins(self) -> dict[fx.Node, frozenset[str]]:
@@ -197,10 +185,11 @@ class Flow:
             found[node] = frozenset().union(*deps)
         return found
 
-    def walk_back(self, start: fx.Node, through: frozenset[str], collect: frozenset[str]) -> list[fx.Node]:
+    def walk_back(self, start: fx.Node, through: frozenset[str], collect: frozenset[str],
+                  writes: bool = False) -> list[fx.Node]:
         """Nodes of a `collect` kind reached backwards from `start` (itself included) through
-        nodes of a `through` kind, nearest first."""
-        return self._walk([start], through, collect, forward=False, include_start=True)
+        nodes of a `through` kind, nearest first. `writes`: see `inputs`."""
+        return self._walk([start], through, collect, forward=False, include_start=True, writes=writes)
 
     def walk_forward(self, start: fx.Node, through: frozenset[str], collect: frozenset[str],
                      writes: bool = False) -> list[fx.Node]:
@@ -226,7 +215,7 @@ class Flow:
                     continue
                 if kind not in through:
                     continue
-            nexts = self.users(node, writes) if forward else self.inputs(node)
+            nexts = self.users(node, writes) if forward else self.inputs(node, writes)
             queue.extend((node, n) for n in nexts)
         return found
 
@@ -312,6 +301,9 @@ class Flow:
         elif name in ("mul", "div") and self._normalises(node):
             # by hand: a norm, x * rsqrt(mean(x^2) + eps), or a softmax, exp(x) / sum(exp(x))
             self.kind[node] = self._normalises(node)
+        elif name == "sum" and (pair := contraction(node)) is not None:
+            self.kind[node] = MATMUL  # an einsum written by hand
+            self._contracted[node] = pair
         elif name in ("max", "min", "clamp", "clamp_min", "clamp_max", "maximum", "minimum") \
                 and not _reduces(node):
             self.kind[node] = PASS  # elementwise clamps (of scores, of activations)
@@ -393,19 +385,6 @@ class Flow:
         return None
 
 
-def op_name(node: fx.Node) -> str:
-    """The op's short name: "linear" for aten.linear.default, torch.matmul, or Tensor.matmul."""
-    target = node.target
-    if node.op == "call_method":
-        return str(target)
-    packet = getattr(target, "_overloadpacket", None)
-    if packet is not None:
-        return packet.__name__
-    if target is operator.getitem:
-        return "getitem"
-    return getattr(target, "__name__", str(target))
-
-
 def _weight_step(node: fx.Node) -> bool:
     """A step a weight takes on its way to the op applying it: a view, or a constant rescale
     (rwkv rescales its weights in place at inference)."""
@@ -431,61 +410,6 @@ def _data_inputs(node: fx.Node) -> list[fx.Node]:
     if name in _FIRST_ONLY:
         return [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
     return list(node.all_input_nodes)
-
-
-def _piece_bounds(node: fx.Node) -> tuple[fx.Node, int, int, int] | None:
-    """(base, dim, start, stop) of a node taking one contiguous piece of `base` along `dim`:
-    `getitem` of a split, or a slice."""
-    name = op_name(node)
-    if name == "getitem" and isinstance(node.args[0], fx.Node) \
-            and op_name(node.args[0]) in ("split_with_sizes", "split", "unsafe_split"):
-        split, index = node.args[0], node.args[1]
-        base = split.args[0]
-        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-        pieces = split.meta.get("val")
-        if not isinstance(base, fx.Node) or not isinstance(pieces, (list, tuple)):
-            return None
-        sizes = [_size_of(p, dim) for p in pieces]
-        if not isinstance(index, int) or not 0 <= index < len(sizes) or None in sizes:
-            return None
-        start = sum(sizes[:index])
-        return base, dim, start, start + sizes[index]
-    if name == "slice" and len(node.args) >= 4 and isinstance(node.args[0], fx.Node) \
-            and all(isinstance(a, int) for a in node.args[1:4]):
-        base, dim, start, stop = node.args[:4]
-        size = _size(base, dim)
-        if size is None:
-            return None
-        start, stop, _ = slice(start, stop).indices(size)
-        return base, dim, start, stop
-    return None
-
-
-def _cat_dim(cat: fx.Node) -> int:
-    return cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
-
-
-def _size(node: Any, dim: int) -> int | None:
-    return _size_of(node.meta.get("val") if isinstance(node, fx.Node) else None, dim)
-
-
-def _size_of(val: Any, dim: int) -> int | None:
-    if not isinstance(val, torch.Tensor) or not -val.dim() <= dim < max(val.dim(), 1):
-        return None
-    size = val.shape[dim]
-    return size if isinstance(size, int) else None
-
-
-_VIEWS = frozenset({"select", "slice", "view", "reshape", "transpose", "permute", "unsqueeze",
-                    "squeeze", "as_strided", "alias", "expand", "diagonal", "narrow", "t", "unflatten"})
-
-
-def _view_base(node: fx.Node) -> fx.Node:
-    """The tensor `node` is a view of (itself when it is none)."""
-    while node.op == "call_function" and op_name(node) in _VIEWS and node.args \
-            and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
 
 
 def _reduces(node: fx.Node) -> bool:

@@ -9,7 +9,8 @@
    (a top-k token indexer's query and key, whose product reaches `topk`, are `other`, said so);
 4. adaln      a projection scaling a norm's output (a diffusion transformer's modulation);
    mlp        up/gate/down/gate_up, see roles_mlp;
-5. head       a projection whose output reaches a model output and no other projection;
+5. head       q/k of a pairwise scorer (their product is a model output: a pointer head), or
+              a projection whose output reaches a model output and no other projection;
 6. other      everything else, dead modules included.
 
 Module names are never consulted, except to say which module owns a weight. Layers of repeated
@@ -221,6 +222,7 @@ def _decide(flow: Flow) -> tuple[dict[str, Role], dict[str, tuple[str, str]]]:
     keep(indexer_roles(flow, _free(flow, taken)))
     keep(modulation_roles(flow, _free(flow, taken)))
     keep(mlp_roles(flow, _free(flow, taken)))
+    keep(scorer_roles(flow, _free(flow, taken)))  # an MLP's last layer may feed a scorer (MaskFormer)
     keep(head_roles(flow, _free(flow, taken)))
     return decided, stacks
 
@@ -279,6 +281,24 @@ def indexer_roles(flow: Flow, candidates: list[fx.Node]) -> list[Found]:
                                    f"only pick tokens by topk in `{flow.scope(hits[0])}` (a "
                                    "sparse-attention indexer): no values are weighed, so it is no "
                                    "attention operand"))
+                break
+    return found
+
+
+def scorer_roles(flow: Flow, candidates: list[fx.Node]) -> list[Found]:
+    """Query/key projections of a pairwise scorer (a global pointer's reading-order logits,
+    CLIP's similarities): their product of two activations is a model output and weighs no
+    values, so they are `head`, said plainly, not attention operands."""
+    everything = frozenset(set(flow.kind.values()) - {PROJ, OUTPUT})
+    found = []
+    for node in candidates:
+        for score in flow.walk_forward(node, _TO_SCORE, frozenset({MATMUL})):
+            if not all(isinstance(o, fx.Node) and flow.origins[o] for o in flow.operands(score)):
+                continue  # a product with a constant: no pair of activations scored
+            reached = flow.walk_forward(score, everything, frozenset({PROJ, OUTPUT}))
+            if reached and all(flow.kind[n] == OUTPUT for n in reached):
+                found.append(Found(node, "head", "enters a product of two activations whose scores "
+                                   "are a model output (a pairwise scorer): no values are weighed"))
                 break
     return found
 

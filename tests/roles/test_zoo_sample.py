@@ -36,6 +36,9 @@ SAMPLE = {
     "groupvit_vision_model": "assign attention: a hard assignment renormalised before it weighs v",
     "fsmt": "shapes read from input values: captured on a real copy (draft export)",
     "step3p5_vision": "a tensor made in forward read by .tolist(): meta export fails, real copy retried",
+    "qwen3_asr_encoder": "a chunk loop over cu_seqlens no export settles: captured by running it",
+    "muse_glimmer_assistant": "k/v read cat(context, hidden); export fails to broadcast: captured by running",
+    "bailing_hybrid": "Kimi delta attention: q.k scores as a broadcast product summed over features",
 }
 # Architectures whose tiny config needed sizes kept consistent across sub-configs: the oracle is
 # that the model builds and its own forward runs (their roles are checked by the sweep).
