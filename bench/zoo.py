@@ -51,6 +51,8 @@ _ATTN_PARTS = ("q", "k", "v", "qkv")
 # any). A disagreement matched here is counted apart, never as agreement; a role that changes no
 # longer matches its note.
 NAME_NOTES: tuple[tuple[str, str, str, str], ...] = (
+    ("pp_doclayout_v4", r"global_pointer\.[qk]_proj$", "head",
+     "a global pointer: its q.k scores are the reading-order logits (the output); no values weighed"),
     ("", r"\.indexer\.wk$", "other",
      ("a sparse-attention indexer's key (DeepSeek-V3.2 DSA): its relu'd scores only pick tokens by "
      "topk, no values are weighed")),
