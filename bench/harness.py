@@ -73,14 +73,17 @@ def paired_ratios(fns: dict[str, Callable[[], object]], base: str, device: torch
     """Median over rounds of each function's time over `base`'s in the same round, minus 1 (its
     overhead), plus `min_s`: each one's fastest round in seconds per call. Pairing within a round
     cancels most of a shared machine's slow moments; the minimum is the cost with the fewest.
-    `timer`: wall clock by default, `cpu_timer(device)` to leave preemption out."""
+    The order rotates from round to round: running right after another model (which left its
+    last weights in cache) moved a step by about 1%. `timer`: wall clock by default,
+    `cpu_timer(device)` to leave preemption out."""
     for fn in fns.values():
         for _ in range(timing.warmup):
             fn()
     rounds: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(timing.repeats):
-        for name, fn in fns.items():
-            rounds[name].append(clock(fn, device, timing.inner, timer))
+    order = list(fns)
+    for i in range(timing.repeats):  # each round starts one later: every side runs in every slot
+        for name in order[i % len(order):] + order[:i % len(order)]:
+            rounds[name].append(clock(fns[name], device, timing.inner, timer))
     out = {name: statistics.median(t / b - 1 for t, b in zip(ts, rounds[base], strict=True))
            for name, ts in rounds.items() if name != base}
     return out | {"min_s": {name: min(ts) for name, ts in rounds.items()}}

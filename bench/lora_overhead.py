@@ -97,9 +97,11 @@ def spec_text(case: Case, r: int = 16, alpha: int = 32) -> str:
             f"{{ target {case.targets} }}")
 
 
-def adapt(side: str, base, case: Case):
-    """A deep copy of `base` adapted by `side`; returns (model, seconds spent adapting)."""
-    model = copy.deepcopy(base)
+def adapt(side: str, base, case: Case, share_weights: bool = False):
+    """A deep copy of `base` adapted by `side`; returns (model, seconds spent adapting).
+    `share_weights`: the copy holds `base`'s own parameter tensors (for forwards only)."""
+    memo = {id(t): t for t in (*base.parameters(), *base.buffers())} if share_weights else None
+    model = copy.deepcopy(base, memo)
     if side == "surgeon":
         from surgeon.api import apply
         from surgeon.lang import load_spec
@@ -286,38 +288,51 @@ def print_table(results: dict) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def tiny_decode(device: torch.device, hidden: int = 64, layers: int = 2, rounds: int = 41) -> int:
+def tiny_decode(device: torch.device, hidden: int = 64, layers: int = 2, rounds: int = 41,
+                copies: int = 1) -> int:
     """Where Python per call dominates: the unmerged decode overhead of LoRA q,v (r=16) on a
     hidden-64 2-layer llama (`rounds` paired rounds, see `harness.paired_ratios`, timed in this
     thread's CPU time at one thread), and the cost of one adapted q_proj over its bare nn.Linear
     (1x1x64 input) next to peft's. `hidden`/`layers` run the same measurement on a wider model
     (the issue's 4-layer hidden-1024 one, where the overheads are a few tenths of a percent of a
-    step: give it a few hundred rounds)."""
+    step). There, where a copy of the weights sits in memory moves a memory-bound step by
+    about +-1% for the life of that copy (two identical copies differ that much), so the three
+    models share the base's weight tensors (only the adapters and the code differ), and
+    `copies` measures that many fresh sets and reports the median over them."""
     from surgeon.runtime.adapted import AdaptedLayer
 
-    base, case = llama(Shape(hidden, layers, (1, 1), (1, 1)), device), CASES[0]
-    models = {side: adapt(side, base, case)[0] for side in SIDES}
-    agree = randomize_like(models["surgeon"], models["peft"])
+    original, case = llama(Shape(hidden, layers, (1, 1), (1, 1)), device), CASES[0]
     ids = torch.randint(0, 2048, (1, 1), device=device)
+    per_copy: list[dict] = []
+    for _ in range(copies):
+        base = copy.deepcopy(original)
+        models = {side: adapt(side, base, case, share_weights=True)[0] for side in SIDES}
+        agree = randomize_like(models["surgeon"], models["peft"])
+        with torch.no_grad():
+            per_copy.append(paired_ratios(
+                {"base": lambda b=base: b(ids), "surgeon": lambda m=models["surgeon"]: m(ids),
+                 "peft": lambda m=models["peft"]: m(ids)}, "base", device,
+                Timing(rounds, 10 if hidden <= 256 else 2, 3), cpu_timer(device)))
+    decode = {side: statistics.median(c[side] for c in per_copy) for side in SIDES}
+    ratios = sorted(c["surgeon"] / c["peft"] for c in per_copy)
     ours = next(m for m in models["surgeon"].modules() if isinstance(m, AdaptedLayer))
     theirs = models["peft"].base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(1, 1, hidden, device=device)
     with torch.no_grad():
-        decode = paired_ratios({"base": lambda: base(ids), "surgeon": lambda: models["surgeon"](ids),
-                                "peft": lambda: models["peft"](ids)}, "base", device,
-                               Timing(rounds, 10 if hidden <= 256 else 2, 3), cpu_timer(device))
         layer = paired_ratios({"linear": lambda: ours.base_layer(x), "surgeon": lambda: ours(x),
                                "peft": lambda: theirs(x)}, "linear", device, Timing(41, 100, 20))
     us = {k: v * 1e6 for k, v in layer["min_s"].items()}
     ratio = decode["surgeon"] / decode["peft"]
-    print(f"decode overhead over the base (median of {rounds} paired rounds): surgeon "
-          f"{decode['surgeon']:+.1%}, peft {decode['peft']:+.1%}, surgeon/peft {ratio:.2f}x "
+    spread = f", per copy {ratios[0]:.2f}-{ratios[-1]:.2f}x" if copies > 1 else ""
+    print(f"decode overhead over the base (median of {rounds} paired rounds, {copies} copies): surgeon "
+          f"{decode['surgeon']:+.1%}, peft {decode['peft']:+.1%}, surgeon/peft {ratio:.2f}x{spread} "
           f"(max|diff| {agree:.1e})")
     print(f"one q_proj call (fastest round): nn.Linear {us['linear']:.1f} us; over it: surgeon "
           f"+{us['surgeon'] - us['linear']:.1f} us, peft +{us['peft'] - us['linear']:.1f} us")
-    print(json.dumps({"bench": "lora_overhead_tiny_decode", "hidden": hidden, "layers": layers, "rounds": rounds,
-                      "threads": torch.get_num_threads(),
-                      "decode_overhead": decode, "layer_us": us, "overhead_ratio": ratio}))
+    print(json.dumps({"bench": "lora_overhead_tiny_decode", "hidden": hidden, "layers": layers,
+                      "rounds": rounds, "copies": copies, "threads": torch.get_num_threads(),
+                      "decode_overhead": decode, "per_copy": per_copy, "layer_us": us,
+                      "overhead_ratio": ratio}))
     return 0
 
 
@@ -330,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only LoRA q,v decode on a hidden-64 2-layer llama, 41 paired rounds")
     parser.add_argument("--decode-shape", default="64x2", help="with --tiny-decode: HIDDENxLAYERS")
     parser.add_argument("--rounds", type=int, default=41, help="with --tiny-decode: paired rounds")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="with --tiny-decode: fresh model copies to measure (the median is reported)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -337,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.tiny_decode:
         hidden, layers = map(int, args.decode_shape.split("x"))
-        return tiny_decode(device, hidden, layers, args.rounds)
+        return tiny_decode(device, hidden, layers, args.rounds, args.copies)
     if args.smoke:
         shape, wide, timing = Shape(64, 2, (1, 16), (1, 16)), Shape(128, 2, (1, 8), (1, 8)), Timing(1, 1, 0)
     else:
