@@ -20,7 +20,9 @@ _VIEWS = frozenset({"view", "reshape", "unsqueeze", "expand", "transpose", "perm
 def contraction(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """The two operands of `sum(a * b * w, dim)` when it is a matrix product written by hand: `a`
     and `b` are broadcast along different axes of the product (an outer product) and both run
-    along the summed axis; other factors (`w`, a decay) only weigh it."""
+    along the summed axis; other factors (`w`, a decay) only weigh it. A sum over two elements is
+    a rotation written as a product (PE Audio's RoPE: `(q_ * freqs_cis).sum(5)` with a 2x2
+    `freqs_cis`), which q and k pass through on their way to the scores."""
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     dims = dims if isinstance(dims, (list, tuple)) else [dims]
     product = node.args[0] if node.args else None
@@ -28,6 +30,8 @@ def contraction(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     if len(dims) != 1 or not isinstance(dims[0], int) or shape is None or op_name(product) != "mul":
         return None
     axis = dims[0] % len(shape)
+    if shape[axis] <= 2:  # a sum of two products is a rotation (RoPE as a 2x2 matrix), no scores
+        return None
     outer = []
     for factor in _factors(product):
         spread = _broadcast_axes(_shape(factor), shape)

@@ -150,3 +150,32 @@ class PointerHead(nn.Module):
 def test_a_pointer_head_weighs_no_values() -> None:
     found = roles(PointerHead())
     assert found["q_proj"] == found["k_proj"] == "head"
+
+
+class RotationAsProductSum(nn.Module):
+    """PE Audio's RoPE: each pair of channels rotated by a 2x2 matrix written as a broadcast
+    product summed over the pair, `(q_ * freqs_cis).sum(-1)`: a pass-through on the way to the
+    scores (not a score product, though it has the same shape of ops)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(D, D) for _ in range(4))
+
+    @staticmethod
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        angle = torch.arange(x.shape[-2], dtype=x.dtype)[:, None] * torch.arange(1, x.shape[-1] // 2 + 1,
+                                                                               dtype=x.dtype)
+        cos, sin = angle.cos(), angle.sin()
+        rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+        pairs = x.reshape(*x.shape[:-1], -1, 1, 2)
+        return (pairs * rotation).sum(-1).flatten(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = self.rotate(heads(self.q_proj(x))), self.rotate(heads(self.k_proj(x)))
+        return self.o_proj(merge(F.scaled_dot_product_attention(q, k, heads(self.v_proj(x)))))
+
+
+def test_a_rotation_written_as_a_product_sum_is_passed_through() -> None:
+    found = roles(RotationAsProductSum(), torch.randn(2, L, D))
+    assert [found[p] for p in ("q_proj", "k_proj", "v_proj", "o_proj")] == [
+        "attn.q", "attn.k", "attn.v", "attn.o"]
