@@ -33,6 +33,18 @@ def size(request, monkeypatch) -> str:
     return request.param
 
 
+def _gradients_match(theirs, ours: AdaptedLayer, x: torch.Tensor) -> None:
+    """One backward of the same loss through both: the input's and every parameter's gradient."""
+    x, x_theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    theirs(x_theirs).square().sum().backward()
+    ours(x).square().sum().backward()
+    assert max_diff(x.grad, x_theirs.grad) <= TOL
+    ours_grads = dict(ours.named_parameters())
+    for name, p in theirs.named_parameters():
+        if p.grad is not None:
+            assert max_diff(ours_grads[name].grad, p.grad) <= TOL, name
+
+
 def _targets(layer: AdaptedLayer) -> list:
     return [n.target for n in layer.graph_module.graph.nodes if n.op == "call_function"]
 
@@ -85,15 +97,7 @@ def test_one_row_gradients_match_peft_in_eval_mode() -> None:
     theirs, ours = pair("Linear", VARIANTS["rslora"])
     theirs.eval()
     ours.eval()
-    x = torch.randn(1, 1, 8, requires_grad=True)
-    x_theirs = x.detach().clone().requires_grad_(True)
-    theirs(x_theirs).square().sum().backward()
-    ours(x).square().sum().backward()
-    assert max_diff(x.grad, x_theirs.grad) <= TOL
-    ours_grads = dict(ours.named_parameters())
-    for name, p in theirs.named_parameters():
-        if p.grad is not None:
-            assert max_diff(ours_grads[name].grad, p.grad) <= TOL, name
+    _gradients_match(theirs, ours, torch.randn(1, 1, 8))
 
 
 def test_two_adapters_chain_into_one_output() -> None:
@@ -136,12 +140,4 @@ def test_training_adds_out_of_place_and_gradients_match_peft(kind: str) -> None:
     theirs.train()
     ours.train()
     assert graph.expand_add in _targets(ours) and graph.lora_add_ not in _targets(ours)
-    x = make_input(kind).requires_grad_(True)
-    x_theirs = x.detach().clone().requires_grad_(True)
-    theirs(x_theirs).square().sum().backward()
-    ours(x).square().sum().backward()
-    assert max_diff(x.grad, x_theirs.grad) <= TOL
-    ours_grads = dict(ours.named_parameters())
-    for name, p in theirs.named_parameters():
-        if p.grad is not None:
-            assert max_diff(ours_grads[name].grad, p.grad) <= TOL, name
+    _gradients_match(theirs, ours, make_input(kind))
