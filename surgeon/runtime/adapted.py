@@ -57,7 +57,7 @@ from surgeon.runtime.forwards import Forwards
 from surgeon.runtime.method import MethodRuntime, shared_containers
 
 # Attributes holding compiled state: rebuilt on demand, never pickled or deep-copied.
-_COMPILED = ("_gm", "_graph", "_run", "_forwards")
+_COMPILED = ("_gm", "_graph", "_run", "_run_row", "_row_shape", "_forwards")
 
 
 def _nothing() -> None:
@@ -305,6 +305,12 @@ class AdaptedLayer(nn.Module):
     # ------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None,
                 **kwargs: Any) -> Any:
+        # A decode step first, with as few checks as it takes: inside a model each costs
+        # about a microsecond (`surgeon.runtime.single_row`); `_row_shape` is None without that form.
+        row = self._row_shape
+        if row is not None and x.shape == row and adapter_names is None and not args \
+                and not kwargs and self.adapter_names is None:
+            return self._run_row(self, x)
         if self.kind in WHOLE_MODULE_KINDS:  # called with all its arguments (an MHA's key, masks...)
             if adapter_names is not None:
                 kwargs["adapter_names"] = adapter_names
@@ -350,7 +356,8 @@ class AdaptedLayer(nn.Module):
         self._invalidate()
 
     def _reset_compiled(self) -> None:
-        self.__dict__.update(_gm=None, _graph=None, _run=_lazy_run, _forwards=Forwards())
+        self.__dict__.update(_gm=None, _graph=None, _run=_lazy_run, _run_row=None,
+                             _row_shape=None, _forwards=Forwards())
 
     def _invalidate(self) -> None:
         self._reset_compiled()
@@ -363,10 +370,12 @@ class AdaptedLayer(nn.Module):
     def _select(self) -> None:
         """Use the forward for the current state, lowering it if needed."""
         if self.kind in WHOLE_MODULE_KINDS:  # never lowered: the method calls the module
-            self.__dict__["_graph"], self.__dict__["_run"] = _module_call_graph(), _lazy_run
+            self.__dict__.update(_graph=_module_call_graph(), _run=_lazy_run, _run_row=None,
+                                 _row_shape=None)
             return
         lowered = self._forwards.lowered(self, self._key())
-        self.__dict__["_graph"], self.__dict__["_run"] = lowered.graph, lowered.run
+        self.__dict__.update(_graph=lowered.graph, _run=lowered.run, _run_row=lowered.row,
+                             _row_shape=lowered.row_shape)
 
     def _change_state(self, write_weights: Callable[[], object], pass_: MergePass | UnmergePass) -> None:
         """A merge or unmerge: `write_weights` (the fold step), then the forward for the new

@@ -26,6 +26,7 @@ from surgeon.passes.pipeline import GraphHolder, Pass, run_passes
 from surgeon.runtime import gathered
 from surgeon.runtime.graph import compile_forward, copy_graph
 from surgeon.runtime.rows import rows_of
+from surgeon.runtime.single_row import row_shape, single_row_graph
 
 if TYPE_CHECKING:
     from surgeon.runtime.method import MethodLayer
@@ -40,10 +41,22 @@ class Lowered:
 
     graph: fx.Graph  # what `graph_module` shows; a merge or unmerge edits a copy of it
     run: Callable[..., torch.Tensor]  # compile_forward(graph): what the layer's forward calls
+    # The same function for an input of `row_shape` (one row: a decode step), both None where
+    # the graph has no such form (surgeon.runtime.single_row).
+    row: Callable[..., torch.Tensor] | None
+    row_shape: torch.Size | None
     # Built by merge/unmerge from the previous state's graph, so its provenance names that
     # pass. A graph lowered from scratch is dropped once a merge/unmerge leaves its state, so
     # coming back rebuilds it through the pass too (provenance as if edited in place).
     by_transition: bool
+
+
+def _lower(graph: fx.Graph, layer: MethodLayer, by_transition: bool) -> Lowered:
+    row = single_row_graph(graph, layer)
+    if row is None:
+        return Lowered(graph, compile_forward(graph, layer), None, None, by_transition)
+    return Lowered(graph, compile_forward(graph, layer), compile_forward(row, layer),
+                   row_shape(layer), by_transition)
 
 
 @dataclass
@@ -57,8 +70,7 @@ class Forwards:
         """The forward for state `key` (the layer's current one), lowering it if needed."""
         lowered = self.by_state.get(key)
         if lowered is None:
-            graph = lower_graph(layer)
-            lowered = self.by_state[key] = Lowered(graph, compile_forward(graph, layer), False)
+            lowered = self.by_state[key] = _lower(lower_graph(layer), layer, False)
         return lowered
 
     def transition(self, layer: MethodLayer, graph: fx.Graph, before: Key, after: Key,
@@ -71,7 +83,7 @@ class Forwards:
         old = self.by_state.get(before)
         if old is not None and not old.by_transition:
             del self.by_state[before]
-        self.by_state[after] = Lowered(new, compile_forward(new, layer), True)
+        self.by_state[after] = _lower(new, layer, True)
 
     def mixed_run(self, layer: MethodLayer, training: bool,
                   adapters: tuple[str, ...]) -> Callable[..., torch.Tensor]:
