@@ -13,7 +13,9 @@ else recomputes:
   a dtype cast: all give the layer a new `_graph`) rebuilds the plan first;
 - a member's `A` replaced or written in place between the shared GEMM and its own call;
 - `adapter_names=` (a mixed batch), extra arguments, an ineligible state: the member runs its
-  own site-scope forward (`AdaptedLayer.forward`), unchanged.
+  own site-scope forward (`AdaptedLayer.forward`), unchanged;
+- one row on the CPU (a decode step, `surgeon.runtime.single_row`): the member's own row form,
+  whose few calls cost less than this bookkeeping saves (bench/README.md, graph scope).
 
 The concatenated `A` is cached by weight identity, storage and `_version` when autograd records
 nothing; while it does, it is concatenated per call so gradients reach each `A` (the sum over
@@ -172,8 +174,9 @@ class SharedShrink:
             **kwargs: Any) -> Any:
         """Member `i`'s forward (the layer's own one for anything but a plain whole-batch call)."""
         member = self.members[i]
+        row = member._row_shape  # a CPU decode step: the layer's own row form costs fewer calls
         if args or kwargs or adapter_names is not None or member.adapter_names is not None \
-                or not isinstance(x, torch.Tensor):
+                or not isinstance(x, torch.Tensor) or (row is not None and x.shape == row):
             return AdaptedLayer.forward(member, x, *args, adapter_names=adapter_names, **kwargs)
         entry = self._entry
         if entry is not None and entry.x is x and entry.pending[i] and entry.plan is self.plan \

@@ -207,3 +207,25 @@ def test_a_dtype_cast_after_compile_replans():
     with ShrinkCounter(rank=12) as shrinks:
         assert diff(output(case, ours), output(case, pm)) <= 1e-10
     assert shrinks.count == 4 + 10  # ours shares (4 GEMMs), peft's model does not (10)
+
+
+def test_a_cpu_decode_step_runs_each_members_row_form():
+    """One row on the CPU: each member runs its own single-row form (its few calls cost less than
+    sharing saves there) and the output stays the LoRA formula; a wider input shares again."""
+    model = _heads()
+    surgeon.compile(model, example_inputs=torch.randn(4, 8))
+    model.eval()
+    calls = []
+    for member in (model.a, model.b):
+        member(torch.randn(1, 1, 8))  # lowers the eval state
+        row = member._run_row
+        member.__dict__["_run_row"] = lambda self, x, row=row: calls.append(self) or row(self, x)
+    x = torch.randn(1, 1, 8)
+    with torch.no_grad():
+        h = torch.tanh(x)
+        expected = _lora(model.c, _lora(model.a, h) * _lora(model.b, h))
+        assert diff(model(x), expected) <= ATOL
+        assert calls == [model.a, model.b]
+        with ShrinkCounter(rank=4) as counter:
+            model(torch.randn(1, 3, 8))
+    assert counter.count == 2  # a and b's shrinks as one GEMM, then c's
