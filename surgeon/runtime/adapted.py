@@ -374,8 +374,8 @@ class AdaptedLayer(nn.Module):
                                  _row_shape=None)
             return
         lowered = self._forwards.lowered(self, self._key())
-        self.__dict__.update(_graph=lowered.graph, _run=lowered.run, _run_row=lowered.row,
-                             _row_shape=lowered.row_shape)
+        self.__dict__.update(_graph=lowered.graph, _run=lowered.run, _run_row=lowered.row.forward(),
+                             _row_shape=lowered.row.shape)
 
     def _change_state(self, write_weights: Callable[[], object], pass_: MergePass | UnmergePass) -> None:
         """A merge or unmerge: `write_weights` (the fold step), then the forward for the new

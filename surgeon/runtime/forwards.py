@@ -26,7 +26,7 @@ from surgeon.passes.pipeline import GraphHolder, Pass, run_passes
 from surgeon.runtime import gathered
 from surgeon.runtime.graph import compile_forward, copy_graph
 from surgeon.runtime.rows import rows_of
-from surgeon.runtime.single_row import row_shape, single_row_graph
+from surgeon.runtime.single_row import RowForm
 
 if TYPE_CHECKING:
     from surgeon.runtime.method import MethodLayer
@@ -41,10 +41,7 @@ class Lowered:
 
     graph: fx.Graph  # what `graph_module` shows; a merge or unmerge edits a copy of it
     run: Callable[..., torch.Tensor]  # compile_forward(graph): what the layer's forward calls
-    # The same function for an input of `row_shape` (one row: a decode step), both None where
-    # the graph has no such form (surgeon.runtime.single_row).
-    row: Callable[..., torch.Tensor] | None
-    row_shape: torch.Size | None
+    row: RowForm  # the same function for one input row, a decode step (runtime.single_row)
     # Built by merge/unmerge from the previous state's graph, so its provenance names that
     # pass. A graph lowered from scratch is dropped once a merge/unmerge leaves its state, so
     # coming back rebuilds it through the pass too (provenance as if edited in place).
@@ -52,11 +49,7 @@ class Lowered:
 
 
 def _lower(graph: fx.Graph, layer: MethodLayer, by_transition: bool) -> Lowered:
-    row = single_row_graph(graph, layer)
-    if row is None:
-        return Lowered(graph, compile_forward(graph, layer), None, None, by_transition)
-    return Lowered(graph, compile_forward(graph, layer), compile_forward(row, layer),
-                   row_shape(layer), by_transition)
+    return Lowered(graph, compile_forward(graph, layer), RowForm(graph, layer), by_transition)
 
 
 @dataclass

@@ -22,14 +22,51 @@ of another shape (training, casts, DoRA, hooks on the base, a GPU's kernels) has
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import fx, nn
 
-from surgeon.runtime.graph import lora_add_
+from surgeon.runtime.graph import compile_forward, lora_add_
+
+
+class RowForm:
+    """The single-row form of one lowered graph: `shape` is the input it takes (None: the graph
+    has no such form); `run(layer, x)` builds and compiles it on first use, then hands the
+    layer the compiled function (most layers of most models never see a decode step, and
+    building costs about a third of a millisecond per layer: an apply does not pay it)."""
+
+    __slots__ = ("compiled", "graph", "shape")
+
+    def __init__(self, graph: fx.Graph, layer: nn.Module) -> None:
+        self.graph = graph
+        self.shape = _row_shape(layer) if _match(graph, layer) is not None else None
+        self.compiled: Callable[..., torch.Tensor] | None = None
+
+    def forward(self) -> Callable[..., torch.Tensor] | None:
+        """What the layer calls for an input of `shape`: the compiled form, or the builder."""
+        if self.shape is None:
+            return None
+        return self.compiled or self.run
+
+    def run(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a trace cannot build fx graphs: the general form
+            return layer._run(layer, x)
+        if self.compiled is None:
+            self.compiled = compile_forward(single_row_graph(self.graph, layer), layer)
+        layer.__dict__["_run_row"] = self.compiled
+        return self.compiled(layer, x)
 
 
 def single_row_graph(graph: fx.Graph, layer: nn.Module) -> fx.Graph | None:
     """The single-row form of `graph` (see the module docstring), or None when it has none."""
+    match = _match(graph, layer)
+    return None if match is None else _build(*match)
+
+
+def _match(graph: fx.Graph, layer: nn.Module) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
+    """(input, base `linear`, `lora_add_` branches) when `graph` is exactly those on a dense
+    CPU Linear."""
     nodes = list(graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
     if len(inputs) != 1 or not _plain_cpu(getattr(layer, "base_layer", None)):
@@ -52,12 +89,10 @@ def single_row_graph(graph: fx.Graph, layer: nn.Module) -> fx.Graph | None:
             return None
         branches.append(node)
         last = node
-    if not branches:
-        return None
-    return _build(x, base, branches)
+    return (x, base, branches) if branches else None
 
 
-def row_shape(layer: nn.Module) -> torch.Size:
+def _row_shape(layer: nn.Module) -> torch.Size:
     """The input shape the single-row form takes: (1, 1, in_features), a decode step's."""
     return torch.Size((1, 1, layer.base_layer.in_features))
 

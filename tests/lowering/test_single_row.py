@@ -26,7 +26,9 @@ VARIANTS = {"lora": Variant(), "rslora": Variant(r=4, alpha=3.0, use_rslora=True
 
 
 def _spy(layer: AdaptedLayer) -> list[int]:
-    """Counts the layer's calls of its single-row form."""
+    """Counts the layer's calls of its single-row form (built by a first call)."""
+    with torch.no_grad():
+        layer(torch.randn(1, 1, layer.base_layer.in_features))
     calls: list[int] = []
     row = layer._run_row
     layer.__dict__["_run_row"] = lambda self, x: calls.append(1) or row(self, x)
@@ -175,11 +177,27 @@ def test_a_mixed_batch_of_one_row_routes_by_name() -> None:
     assert not calls
 
 
-def test_torch_compile_traces_the_row_form() -> None:
+@pytest.mark.parametrize("built", [True, False], ids=["built", "not-yet-built"])
+def test_torch_compile_traces_the_row_form(built: bool) -> None:
+    """Built by an eager decode step first, the trace takes the row form; not yet built, the
+    general one (a trace cannot build fx graphs). Both equal PEFT's layer."""
     theirs, ours = pair("Linear", Variant())
     theirs.eval()
     ours.eval()
+    if built:
+        _spy(ours)
     compiled = torch.compile(ours, backend="eager", fullgraph=True)
     with torch.no_grad():
-        for x in (torch.randn(1, 1, 8), torch.randn(2, 3, 8)):  # the row form, then the general
+        for x in (torch.randn(1, 1, 8), torch.randn(2, 3, 8)):  # one row, then the general form
             assert max_diff(compiled(x), theirs(x)) <= TOL
+
+
+def test_the_form_is_built_at_the_first_decode_step_not_at_apply() -> None:
+    _, ours = pair("Linear", Variant())
+    ours.eval()
+    with torch.no_grad():
+        ours(torch.randn(2, 3, 8))
+        lowered = ours._forwards.by_state[ours._key()]
+        assert lowered.row.shape == (1, 1, 8) and lowered.row.compiled is None
+        ours(torch.randn(1, 1, 8))
+    assert ours._run_row is lowered.row.compiled is not None
