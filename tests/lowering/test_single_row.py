@@ -50,14 +50,20 @@ def test_mv_gives_the_bits_of_linear_for_one_row(dtype: torch.dtype, bias: bool)
         assert torch.equal(torch.nn.functional.linear(x, w, b), row.view(1, 1, -1))
 
 
+ROWS = {"contiguous": lambda: torch.randn(1, 1, 8),
+        "strided": lambda: torch.randn(1, 1, 16)[..., ::2],  # a slice of a wider tensor
+        "batch-slice": lambda: torch.randn(3, 1, 8)[1:2]}
+
+
+@pytest.mark.parametrize("row", list(ROWS))
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("bias", [True, False])
-def test_a_decode_step_runs_the_row_form_and_matches_peft(variant: str, bias: bool) -> None:
+def test_a_decode_step_runs_the_row_form_and_matches_peft(row: str, variant: str, bias: bool) -> None:
     theirs, ours = pair("Linear", VARIANTS[variant], bias=bias)
     theirs.eval()
     ours.eval()
     calls = _spy(ours)
-    x = torch.randn(1, 1, 8)
+    x = ROWS[row]()
     before = x.clone()
     with torch.no_grad():
         got = ours(x)
