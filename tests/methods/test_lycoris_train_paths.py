@@ -3,11 +3,12 @@ PEFT 0.21: outputs, input gradients and every factor's gradient over a few seede
 the path each case must take (split, whole fold, or not folded), so a fallback that silently
 replaced the fast path would fail here too.
 
-Cases: the split for LoHa and LoKr (plain, `decompose_both`, a factored `w2`), with module
-dropout (the seeded draw drops the adapter on some steps), an unfrozen base weight (its gradient
-then flows through the base call), two adapters on one layer (only the first may split), rank
-dropout (the whole fold; on a large LoKr Linear the Kronecker path), and a LoHa layer where
-the weight gradient is the cheaper one (the whole fold).
+Cases: the split for LoHa (also at the benchmark's r=8 layer shapes, where every factor
+gradient goes through the four rank-r^2 GEMMs) and LoKr (plain, `decompose_both`, a factored
+`w2`), with module dropout (the seeded draw drops the adapter on some steps), an unfrozen base
+weight (its gradient then flows through the base call), two adapters on one layer (only the
+first may split), rank dropout (the whole fold; on a large LoKr Linear the Kronecker path), and
+a LoHa layer where the weight gradient is the cheaper one (the whole fold).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ CASES = {
     "loha-split": (LoHaConfig, lambda: nn.Linear(20, 30), (3, 7, 20), {"r": 2}, "split"),
     "loha-split-bias-2d": (LoHaConfig, lambda: nn.Linear(24, 24, bias=True), (9, 24), {"r": 2}, "split"),
     "loha-split-bias-3d": (LoHaConfig, lambda: nn.Linear(24, 24, bias=True), (3, 4, 24), {"r": 2}, "split"),
+    # the benchmark's llama shapes at r=8 (square attention, rectangular MLP): every layer splits
+    "loha-split-r8-square": (LoHaConfig, lambda: nn.Linear(256, 256), (2, 16, 256), {"r": 8}, "split"),
+    "loha-split-r8-wide": (LoHaConfig, lambda: nn.Linear(256, 512), (2, 16, 256), {"r": 8}, "split"),
+    "loha-split-r8-narrow": (LoHaConfig, lambda: nn.Linear(512, 256), (32, 512), {"r": 8}, "split"),
     "loha-fold": (LoHaConfig, lambda: nn.Linear(16, 24), (3, 7, 16), {"r": 4}, "fold"),
     "loha-module-dropout": (LoHaConfig, lambda: nn.Linear(20, 30), (3, 7, 20),
                             {"r": 2, "module_dropout": 0.3}, "split"),
@@ -182,3 +187,18 @@ def test_split_gradient_without_grad_mode_and_frozen_factors():
         assert out.grad_fn is None and diff(out, mine) == 0
     finally:
         ctx.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_module_dropout_draw_compares_as_torch(monkeypatch, dtype):
+    """`module_kept` compares in Python what PEFT compares in torch (`torch.rand(1) > p`), also
+    for draws at and next to `p` rounded to the draw's dtype (where a plain Python comparison
+    with `p` would differ: 0.1 rounds up in float32)."""
+    from surgeon.methods.lycoris_layer import module_kept
+
+    for p in (0.0, 0.1, 0.3, 1 / 3, 0.5, 0.9):
+        edge = torch.tensor([p], dtype=dtype)
+        for draw in (edge, torch.nextafter(edge, torch.zeros(1, dtype=dtype)),
+                     torch.nextafter(edge, torch.ones(1, dtype=dtype))):
+            monkeypatch.setattr(torch, "rand", lambda *_, draw=draw: draw.clone())
+            assert module_kept(p) == bool(draw > p), (p, draw.item())

@@ -40,6 +40,7 @@ from surgeon.methods.lycoris_layer import (
     gated_result,
     gated_weight,
     kaiming,
+    module_kept,
     split_result,
 )
 
@@ -139,12 +140,12 @@ def loha_weight_detached(weight: torch.Tensor, params: tuple, static: tuple,
     the first product's buffer: two weight-sized allocations, where the expression takes four)."""
     if weight.requires_grad:
         return detached_weight(weight, dropouts, lambda: hadamard_weight(params, static))
-    if dropouts is not None and not bool(torch.rand(1) > dropouts[0]):  # PEFT's module dropout
+    if dropouts is not None and not module_kept(dropouts[0]):  # PEFT's module dropout
         return weight
     w1a, w1b, w2a, w2b = params[:4]
     with torch.no_grad():
-        one = w1a @ w1b
-        return torch.addcmul(weight, one, w2a @ w2b, value=static[1], out=one)
+        one = torch.mm(w1a, w1b)
+        return torch.addcmul(weight, one, torch.mm(w2a, w2b), value=static[1], out=one)
 
 
 def loha_split(prev: torch.Tensor, x: torch.Tensor, params: tuple, static: tuple,
@@ -155,19 +156,29 @@ def loha_split(prev: torch.Tensor, x: torch.Tensor, params: tuple, static: tuple
 
 def _factor_grads(g: torch.Tensor, x: torch.Tensor, factors: tuple, static: tuple) -> tuple:
     """The factors' gradients of `y = x @ (scale * (w1a @ w1b) * (w2a @ w2b)).T` from `g = dL/dy`,
-    through the Khatri-Rao form `up @ down` (see `_khatri_rao`): `d up = g.T @ (x @ down.T)` and
-    `d down = (g @ up).T @ x`, each then contracted with the other factor of its pair."""
+    through the Khatri-Rao form `up @ down` (see `_khatri_rao`, here unscaled): `d up = g.T @
+    (x @ down.T)` and `d down = (g @ up).T @ x`, each then contracted with the other factor of
+    its pair.
+
+    Four GEMMs carry the cost (each at the CPU's GEMM peak). The dozen small ops around them
+    cost several times their isolated time inside a training step (cold caches), so they are
+    written for fewest ops: the scale rides the second GEMMs (`addmm`'s alpha), `w1a`, `w2a`
+    are transposed once (one copy) so every broadcast runs along a contiguous last dimension,
+    the products come out as wide `(r^2, .)` results (5-10% faster GEMMs than `(., r^2)` ones),
+    and the per-row contractions are a broadcast product and a sum (no layout copy for a bmm).
+    """
     w1a, w1b, w2a, w2b = factors
     (n_out, r1), r2, n_in = w1a.shape, w2a.shape[1], w1b.shape[1]
-    up, down = _khatri_rao(w1a, w1b, w2a, w2b, static[1])
     g, x = g.reshape(-1, n_out), x.reshape(-1, n_in)
-    # the products as (r^2, .) results: wide GEMMs, about 5% faster than (., r^2) ones
-    d_up = ((down @ x.t()) @ g).t().reshape(n_out, r1, r2)  # d(up / scale), scale folded in `up`
-    d_down = ((up.t() @ g.t()) @ x).view(r1, r2, n_in)
-    d_up = d_up.mul_(static[1])
-    # per output row, (r1, r2) against a vector: one bmm each (half a mul and a sum's time)
-    return (torch.bmm(d_up, w2a[:, :, None]).view(n_out, r1), (d_down * w2b).sum(1),
-            torch.bmm(w1a[:, None, :], d_up).view(n_out, r2), (d_down * w1b[:, None, :]).sum(0))
+    a_t = torch.stack((w1a.t(), w2a.t()))  # (2, r, out), contiguous
+    w1a_t, w2a_t = a_t[0], a_t[1]
+    up_t = (w1a_t.unsqueeze(1) * w2a_t).view(r1 * r2, n_out)
+    down = (w1b.unsqueeze(1) * w2b).view(r1 * r2, n_in)
+    # addmm's input is ignored at beta=0: a factor's row (a view, no op) has the shape it needs
+    d_up_t = torch.addmm(w2a_t[0], torch.mm(down, x.t()), g, beta=0, alpha=static[1]).view(r1, r2, n_out)
+    d_down = torch.addmm(w2b[0], torch.mm(up_t, g.t()), x, beta=0, alpha=static[1]).view(r1, r2, n_in)
+    return ((d_up_t * w2a_t).sum(1).t(), (d_down * w2b).sum(1),
+            (d_up_t * w1a_t.unsqueeze(1)).sum(0).t(), (d_down * w1b.unsqueeze(1)).sum(0))
 
 
 class Loha(LycorisRuntime):
