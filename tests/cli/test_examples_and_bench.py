@@ -69,3 +69,13 @@ def test_methods_bench_smoke_agrees_with_peft():
     assert len(report["rows"]) >= 10
     for case, row in report["rows"].items():
         assert row["max_abs_diff"] < 1e-4, (case, row["max_abs_diff"])
+
+
+def test_decode_floor_bench_smoke_times_every_part():
+    """bench/decode_floor.py: every variant timed, the real row form agreeing with peft."""
+    proc = run("bench/decode_floor.py", "--smoke")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(report["overhead"]) == {"peft", "wrapper only", "base only", "shrink only",
+                                       "expand only", "adapter"}
+    assert report["max_abs_diff"] < 1e-4, report["max_abs_diff"]
