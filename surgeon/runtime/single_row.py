@@ -4,20 +4,22 @@ A decode step calls every adapted layer on one row (`x` of shape (1, 1, in)). Th
 calls into torch, not arithmetic: inside a model each one costs microseconds of cold caches,
 and `linear` on a 3-D input is several (transpose, fold, `mm`, unfold). So an eval graph that is
 the base `linear` plus LoRA branches written into its output (`surgeon.runtime.graph.lora_add_`)
-gets a second form for one row, on the flat row `xf = x.view(-1)`:
+gets a second form for that input, on the flat row `xf = x.view(-1)`:
 
+    h = mv(A, xf)                        # each shrink first (measured ~2 us cheaper in a step)
     out = mv(W, xf)                      # addmv(bias, W, xf) with a bias
-    out.addmv_(B, mv(A, xf), alpha=s)    # per adapter, in the graph's order
-    return out.view(*x.shape[:-1], out_features)
+    out.addmv_(B, h, alpha=s)            # per adapter, in the graph's order
+    return out.view(1, 1, -1)
 
 On the CPU `mv` gives the same bits as `linear` for one row (float32, bfloat16, float16 and
 float64; tests/lowering/test_single_row.py checks it where it runs), and the adapter half is
 what `lora_add_` already does for one row, so both forms compute the same numbers. Inside a
-hidden-64 llama's decode step an adapted layer then costs about 9 us over its bare `Linear`,
-against 15 us for the general form and 44 us for peft's (bench/README.md).
+hidden-64 llama's decode step an adapted layer then costs about 12 us over its bare `Linear`,
+against 15 us for the general form and 44 us for peft's (bench/README.md, bench/decode_floor.py).
 
-`AdaptedLayer.forward` calls it for inputs with one row (`x.numel() == x.shape[-1]`); any graph
-of another shape (training, casts, DoRA, hooks on the base, a GPU's kernels) has none.
+`AdaptedLayer.forward` takes it first, for an input of exactly `RowForm.shape` (one shape
+compare: every check costs about a microsecond there too); any graph of another shape
+(training, casts, DoRA, hooks on the base, a GPU's kernels) has none.
 """
 
 from __future__ import annotations
