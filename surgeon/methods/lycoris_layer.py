@@ -99,7 +99,7 @@ def gated_result(prev: torch.Tensor, dropouts: tuple | None, n_out: int, channel
     if dropouts is None:
         return prev + delta()
     module_p, rank_p, rescale = dropouts
-    if not bool(torch.rand(1) > module_p):
+    if not module_kept(module_p):
         return prev
     out = delta()
     if rank_p:
@@ -115,7 +115,7 @@ def gated_weight(weight: torch.Tensor, dropouts: tuple | None,
     if dropouts is None:
         return weight + delta()
     module_p, rank_p, rescale = dropouts
-    if not bool(torch.rand(1) > module_p):
+    if not module_kept(module_p):
         return weight
     out = delta()
     if rank_p:
@@ -129,7 +129,7 @@ def detached_weight(weight: torch.Tensor, dropouts: tuple | None,
     """The weight part of a split fold: `weight + delta()`, the delta outside autograd (its
     factors get their gradients from the output part, `SplitGrads`); PEFT's module-dropout
     draw as `gated_weight`, returning `weight` itself when the adapter is dropped."""
-    if dropouts is not None and not bool(torch.rand(1) > dropouts[0]):
+    if dropouts is not None and not module_kept(dropouts[0]):
         return weight
     with torch.no_grad():
         out = delta()

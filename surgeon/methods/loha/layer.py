@@ -107,7 +107,7 @@ def loha_weight(weight: torch.Tensor, params: tuple, static: tuple,
     w1a, w1b, w2a, w2b, t1, _ = params
     if t1 is not None or (dropouts is not None and dropouts[1]):  # CP, or rank dropout
         return gated_weight(weight, dropouts, lambda: hadamard_weight(params, static))
-    if dropouts is not None and not bool(torch.rand(1) > dropouts[0]):  # PEFT's module dropout
+    if dropouts is not None and not module_kept(dropouts[0]):  # PEFT's module dropout
         return weight
     return _HadamardFold.apply(weight, w1a, w1b, w2a, w2b, static[1])
 
