@@ -311,8 +311,6 @@ def _constant(value: Any) -> Any:
         return (type(value), tuple(_constant(v) for v in value))
     if isinstance(value, dict):
         return (dict, tuple((k, _constant(v)) for k, v in value.items()))
-    if isinstance(value, slice):  # unhashable before Python 3.12
-        return (slice, _constant((value.start, value.stop, value.step)))
     if isinstance(value, torch.Tensor):
         raise TypeError("tensor constants are not shared by structure")
     return (type(value), repr(value) if isinstance(value, float) else value)

@@ -38,11 +38,11 @@ class RowForm:
     layer the compiled function (most layers of most models never see a decode step, and
     building costs about a third of a millisecond per layer: an apply does not pay it)."""
 
-    __slots__ = ("compiled", "graph", "shape")
+    __slots__ = ("compiled", "match", "shape")
 
     def __init__(self, graph: fx.Graph, layer: nn.Module) -> None:
-        self.graph = graph
-        self.shape = _row_shape(layer) if _match(graph, layer) is not None else None
+        self.match = _match(graph, layer)
+        self.shape = None if self.match is None else _row_shape(layer)
         self.compiled: Callable[..., torch.Tensor] | None = None
 
     def forward(self) -> Callable[..., torch.Tensor] | None:
@@ -55,7 +55,7 @@ class RowForm:
         if torch.compiler.is_compiling():  # a trace cannot build fx graphs: the general form
             return layer._run(layer, x)
         if self.compiled is None:
-            self.compiled = compile_forward(single_row_graph(self.graph, layer), layer)
+            self.compiled = compile_forward(_build(*self.match), layer)
         layer.__dict__["_run_row"] = self.compiled
         return self.compiled(layer, x)
 
