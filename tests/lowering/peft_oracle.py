@@ -137,5 +137,21 @@ def pair(kind: str, variant: Variant, bias: bool = True, randomize: bool = True,
     return theirs, ours
 
 
+def two_adapters(kind: str, second: Variant | None = None, first: Variant | None = None):
+    """PEFT's and our layer with adapters `default` and `other`, random weights, in eval mode."""
+    first, second = first or Variant(), second or Variant(r=3, alpha=6.0, use_rslora=True)
+    base = make_base(kind)
+    theirs = peft_layer(copy.deepcopy(base), first)
+    add_peft_adapter(theirs, second, "other")
+    ours = AdaptedLayer(copy.deepcopy(base), first.site(kind))
+    ours.add_adapter(second.site(kind, "other"))
+    randomise(theirs, "default", seed=1)
+    randomise(theirs, "other", seed=2)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.eval()
+    ours.eval()
+    return theirs, ours
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()

@@ -12,13 +12,12 @@ from surgeon.runtime import graph
 from surgeon.runtime.adapted import AdaptedLayer
 from tests.lowering.peft_oracle import (
     Variant,
-    add_peft_adapter,
-    copy_adapters,
     make_base,
     make_input,
     max_diff,
     pair,
     randomise,
+    two_adapters,
 )
 
 TOL = 1e-5
@@ -101,15 +100,9 @@ def test_one_row_gradients_match_peft_in_eval_mode() -> None:
 
 
 def test_two_adapters_chain_into_one_output() -> None:
-    theirs, ours = pair("Linear", Variant())
-    add_peft_adapter(theirs, Variant(r=3, alpha=5.0), "other")
-    randomise(theirs, "other", seed=3)
-    ours.add_adapter(Variant(r=3, alpha=5.0).site("Linear", "other"))
-    copy_adapters(theirs, ours)
+    theirs, ours = two_adapters("Linear", Variant(r=3, alpha=5.0))
     theirs.set_adapter(["default", "other"])
     ours.set_adapter(["default", "other"])
-    theirs.eval()
-    ours.eval()
     assert _targets(ours).count(graph.lora_add_) == 2
     for x in (make_input("Linear"), ONE_ROW["1x1xin"]()):
         with torch.no_grad():

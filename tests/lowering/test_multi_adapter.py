@@ -2,41 +2,20 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
 import torch
 
-from surgeon.runtime.adapted import AdaptedLayer
 from tests.lowering.peft_oracle import (
     Variant,
-    add_peft_adapter,
-    make_base,
     make_input,
     max_diff,
-    peft_layer,
-    randomise,
+    two_adapters,
 )
 
 TOL = 1e-5
 KINDS = ("Linear", "Conv1D", "Conv2d", "Embedding")
-
-
-def two_adapters(kind: str, second: Variant | None = None, first: Variant | None = None):
-    """PEFT's and our layer with adapters `default` and `other`, random weights, in eval mode."""
-    first, second = first or Variant(), second or Variant(r=3, alpha=6.0, use_rslora=True)
-    base = make_base(kind)
-    theirs = peft_layer(copy.deepcopy(base), first)
-    add_peft_adapter(theirs, second, "other")
-    ours = AdaptedLayer(copy.deepcopy(base), first.site(kind))
-    ours.add_adapter(second.site(kind, "other"))
-    randomise(theirs, "default", seed=1)
-    randomise(theirs, "other", seed=2)
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    theirs.eval()
-    ours.eval()
-    return theirs, ours
 
 
 def same(theirs, ours, x, **kwargs) -> bool:

@@ -12,12 +12,10 @@ from surgeon.runtime.adapted import AdaptedLayer
 from surgeon.runtime.single_row import single_row_graph
 from tests.lowering.peft_oracle import (
     Variant,
-    add_peft_adapter,
-    copy_adapters,
     make_base,
     max_diff,
     pair,
-    randomise,
+    two_adapters,
 )
 
 TOL = 1e-5
@@ -74,14 +72,9 @@ def test_a_decode_step_runs_the_row_form_and_matches_peft(row: str, variant: str
 
 
 def test_two_adapters_add_in_the_graph_order() -> None:
-    theirs, ours = pair("Linear", Variant())
-    add_peft_adapter(theirs, Variant(r=3, alpha=5.0), "other")
-    randomise(theirs, "other", seed=3)
-    ours.add_adapter(Variant(r=3, alpha=5.0).site("Linear", "other"))
-    copy_adapters(theirs, ours)
+    theirs, ours = two_adapters("Linear", Variant(r=3, alpha=5.0))
     for layer in (theirs, ours):
         layer.set_adapter(["default", "other"])
-        layer.eval()
     calls = _spy(ours)
     x = torch.randn(1, 1, 8)
     with torch.no_grad():
